@@ -1,0 +1,123 @@
+"""All configuration, read from the environment in one place.
+
+Variables (also tabled in the README):
+
+APP_ENV                  development | production | test (default development).
+DATABASE_URL             postgres://, postgresql:// or postgresql+psycopg2:// URL; query parameters such as
+                         Neon's sslmode and channel_binding are kept. Default: SQLite file in the instance folder.
+MIGRATIONS_DATABASE_URL  URL used by `flask db ...` instead of DATABASE_URL (Neon's direct, non-pooler endpoint).
+BETTER_AUTH_SECRET       HS256 secret shared with Better Auth; at least 32 characters outside development/test.
+                         In development a random one is generated once and kept in the instance folder.
+BETTER_AUTH_URL          Origin of the Better Auth server; enables JWKS (EdDSA/ES/RS/PS) verification.
+BETTER_AUTH_JWKS_URL     JWKS location; default BETTER_AUTH_URL + /api/auth/jwks.
+JWT_ISSUER               Comma list of accepted `iss`; checked only when set (JWKS default: BETTER_AUTH_URL origin).
+JWT_AUDIENCE             Comma list of accepted `aud`; checked only when set (JWKS default: BETTER_AUTH_URL origin).
+JWT_LEEWAY               Seconds of clock skew allowed for exp/nbf/iat (default 30).
+FRONTEND_URL             Comma list of origins allowed by CORS (default http://localhost:3000).
+DB_POOL_SIZE             Connections kept per worker process (default 5).
+DB_MAX_OVERFLOW          Extra connections under burst (default 5).
+DB_POOL_TIMEOUT          Seconds to wait for a pooled connection (default 5).
+DB_POOL_RECYCLE          Seconds before a connection is replaced; below Neon's 5-minute idle suspend (default 240).
+DB_CONNECT_TIMEOUT       Seconds to establish a connection (default 5).
+DB_STATEMENT_TIMEOUT_MS  PostgreSQL statement timeout in milliseconds (default 10000).
+LOG_LEVEL                Python logging level (default INFO).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+ENVIRONMENTS = ("development", "production", "test")
+MIN_SECRET_LENGTH = 32
+MAX_BODY_BYTES = 64 * 1024
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(RuntimeError):
+    """Configuration that must stop start-up."""
+
+
+def normalize_database_url(url: str) -> str:
+    """Point every PostgreSQL scheme at psycopg2, keeping the query string (sslmode, channel_binding)."""
+    parts = urlsplit(url)
+    if parts.scheme in ("postgres", "postgresql", "postgresql+psycopg2"):
+        return urlunsplit(parts._replace(scheme="postgresql+psycopg2"))
+    return url
+
+
+def _split_list(value: str | None) -> list[str]:
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+def _int(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _dev_secret(instance_path: Path) -> str:
+    """A random secret kept in the instance folder, so dev tokens survive restarts."""
+    path = instance_path / "dev-secret"
+    if path.exists():
+        return path.read_text().strip()
+    instance_path.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(48)
+    path.write_text(secret)
+    path.chmod(0o600)
+    log.warning("BETTER_AUTH_SECRET is not set; generated a development secret in %s", path)
+    return secret
+
+
+def load_config(instance_path: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Build the Flask config from the environment; raise ConfigError on what must stop start-up."""
+    env = dict(os.environ if env is None else env)
+    app_env = env.get("APP_ENV", "development")
+    if app_env not in ENVIRONMENTS:
+        raise ConfigError(f"APP_ENV must be one of {', '.join(ENVIRONMENTS)}, got {app_env!r}")
+
+    database_url = env.get("DATABASE_URL") or f"sqlite:///{instance_path / 'todo.db'}"
+    secret = env.get("BETTER_AUTH_SECRET") or None
+    better_auth_url = (env.get("BETTER_AUTH_URL") or "").rstrip("/") or None
+
+    return {
+        "APP_ENV": app_env,
+        "DATABASE_URL": normalize_database_url(database_url),
+        "MIGRATIONS_DATABASE_URL": normalize_database_url(env.get("MIGRATIONS_DATABASE_URL") or database_url),
+        "BETTER_AUTH_SECRET": secret,
+        "BETTER_AUTH_URL": better_auth_url,
+        "BETTER_AUTH_JWKS_URL": env.get("BETTER_AUTH_JWKS_URL")
+        or (f"{better_auth_url}/api/auth/jwks" if better_auth_url else None),
+        "JWT_ISSUER": _split_list(env.get("JWT_ISSUER")),
+        "JWT_AUDIENCE": _split_list(env.get("JWT_AUDIENCE")),
+        "JWT_LEEWAY": _int(env, "JWT_LEEWAY", 30),
+        "FRONTEND_URL": _split_list(env.get("FRONTEND_URL", "http://localhost:3000")),
+        "DB_POOL_SIZE": _int(env, "DB_POOL_SIZE", 5),
+        "DB_MAX_OVERFLOW": _int(env, "DB_MAX_OVERFLOW", 5),
+        "DB_POOL_TIMEOUT": _int(env, "DB_POOL_TIMEOUT", 5),
+        "DB_POOL_RECYCLE": _int(env, "DB_POOL_RECYCLE", 240),
+        "DB_CONNECT_TIMEOUT": _int(env, "DB_CONNECT_TIMEOUT", 5),
+        "DB_STATEMENT_TIMEOUT_MS": _int(env, "DB_STATEMENT_TIMEOUT_MS", 10_000),
+        "LOG_LEVEL": env.get("LOG_LEVEL", "INFO").upper(),
+    }
+
+
+def check_secret(config: dict[str, Any], instance_path: Path) -> None:
+    """Refuse to start in production without a strong secret; generate one in development."""
+    secret = config.get("BETTER_AUTH_SECRET")
+    if config["APP_ENV"] == "production":
+        if not secret and not config.get("BETTER_AUTH_URL"):
+            raise ConfigError("BETTER_AUTH_SECRET (or BETTER_AUTH_URL for JWKS) is required in production")
+        if secret and len(secret) < MIN_SECRET_LENGTH:
+            raise ConfigError(f"BETTER_AUTH_SECRET must be at least {MIN_SECRET_LENGTH} characters in production")
+    elif not secret:
+        config["BETTER_AUTH_SECRET"] = _dev_secret(instance_path)

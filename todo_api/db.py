@@ -1,0 +1,82 @@
+"""One SQLAlchemy engine per process, and a session per request."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask, current_app, g
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+
+def make_engine(url: str, config: dict[str, Any]) -> Engine:
+    """A pooled engine that survives dropped connections (Neon suspends idle computes)."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 5, "check_same_thread": False})
+        _fix_sqlite_transactions(engine)
+        return engine
+
+    statement_timeout = int(config.get("DB_STATEMENT_TIMEOUT_MS", 10_000))
+    engine = create_engine(
+        url,
+        pool_size=config.get("DB_POOL_SIZE", 5),
+        max_overflow=config.get("DB_MAX_OVERFLOW", 5),
+        pool_timeout=config.get("DB_POOL_TIMEOUT", 5),
+        pool_recycle=config.get("DB_POOL_RECYCLE", 240),
+        pool_pre_ping=True,
+        connect_args={"connect_timeout": config.get("DB_CONNECT_TIMEOUT", 5)},
+    )
+
+    # A SET rather than the `options` startup parameter, which Neon's pooler does not pass through.
+    @event.listens_for(engine, "connect")
+    def set_session_defaults(dbapi_connection: Any, _record: Any) -> None:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SET statement_timeout = %s", (statement_timeout,))
+            cursor.execute("SET TIME ZONE 'UTC'")
+        dbapi_connection.commit()
+
+    return engine
+
+
+def _fix_sqlite_transactions(engine: Engine) -> None:
+    """Let SQLAlchemy own BEGIN, so savepoints work (pysqlite otherwise defers and drops them)."""
+
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        dbapi_connection.execute("PRAGMA busy_timeout=5000")
+
+    @event.listens_for(engine, "begin")
+    def on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN")
+
+
+class Database:
+    """The process's engine and the factory for request sessions."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.sessionmaker = sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def init_app(app: Flask) -> None:
+    app.extensions["db"] = Database(make_engine(app.config["DATABASE_URL"], app.config))
+    app.teardown_appcontext(remove_session)
+
+
+def get_db() -> Database:
+    return current_app.extensions["db"]
+
+
+def get_session() -> Session:
+    """The request's session, created on first use."""
+    if "db_session" not in g:
+        g.db_session = get_db().sessionmaker()
+    return g.db_session
+
+
+def remove_session(_exc: BaseException | None = None) -> None:
+    session = g.pop("db_session", None)
+    if session is not None:
+        session.close()

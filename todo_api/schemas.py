@@ -1,0 +1,173 @@
+"""Marshmallow schemas: strict input validation, the task representation, and the error envelope."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from marshmallow import (
+    EXCLUDE,
+    RAISE,
+    Schema,
+    ValidationError,
+    fields,
+    post_load,
+    pre_load,
+    validate,
+    validates_schema,
+)
+
+from .models import PRIORITIES, STATUSES
+
+SERVER_MANAGED = ("id", "user_id", "created_at", "updated_at", "completed_at")
+MAX_TAGS = 20
+TITLE_RULES = [
+    validate.Length(min=1, error="Title must not be blank."),
+    validate.Length(max=200, error="Title must be at most 200 characters."),
+]
+
+
+class StrictBoolean(fields.Boolean):
+    """Only JSON true/false: "true" or 1 are not booleans."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
+class Text(fields.String):
+    """A string without NUL characters (PostgreSQL cannot store them), optionally trimmed."""
+
+    def __init__(self, *, trim: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.trim = trim
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if "\x00" in text:
+            raise ValidationError("Must not contain NUL characters.")
+        return text.strip() if self.trim else text
+
+
+class UTCDateTime(fields.AwareDateTime):
+    """RFC 3339 in, UTC out; a timestamp without an offset is read as UTC."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(format="iso", default_timezone=UTC, **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> datetime:
+        return super()._deserialize(value, attr, data, **kwargs).astimezone(UTC)
+
+
+class Tags(fields.List):
+    """Trimmed, de-duplicated tags, at most MAX_TAGS of them."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        tag = Text(trim=True, validate=validate.Length(1, 50, error="Each tag must be 1 to 50 characters."))
+        super().__init__(tag, **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[str]:
+        tags = list(dict.fromkeys(super()._deserialize(value, attr, data, **kwargs)))
+        if len(tags) > MAX_TAGS:
+            raise ValidationError(f"At most {MAX_TAGS} distinct tags.")
+        return tags
+
+
+def _one_of(choices: tuple[str, ...]) -> validate.OneOf:
+    return validate.OneOf(choices, error=f"Must be one of: {', '.join(choices)}.")
+
+
+class CompletionSchema(Schema):
+    """Body of PATCH .../complete (optional: no body toggles, a value sets it); also the rules every write shares."""
+
+    class Meta:
+        unknown = RAISE
+
+    completed = StrictBoolean()
+    is_completed = StrictBoolean()
+
+    @validates_schema
+    def check_completion_agrees(self, data: dict[str, Any], **_kwargs: Any) -> None:
+        completed, is_completed = data.get("completed"), data.get("is_completed")
+        if completed is not None and is_completed is not None and completed != is_completed:
+            raise ValidationError("completed and is_completed disagree.", "is_completed")
+        completed = completed if completed is not None else is_completed
+        status = data.get("status")
+        if completed is not None and status is not None and completed != (status == "completed"):
+            raise ValidationError(f"status {status!r} contradicts completed={str(completed).lower()}.", "status")
+
+    @post_load
+    def merge_completed(self, data: dict[str, Any], **_kwargs: Any) -> dict[str, Any]:
+        is_completed = data.pop("is_completed", None)
+        if "completed" not in data and is_completed is not None:
+            data["completed"] = is_completed
+        return data
+
+
+class TaskWriteSchema(CompletionSchema):
+    """Fields a client may send on update; all optional."""
+
+    title = Text(trim=True, validate=TITLE_RULES)
+    description = Text(
+        allow_none=True, validate=validate.Length(max=1000, error="Description must be at most 1000 characters.")
+    )
+    status = fields.String(validate=_one_of(STATUSES))
+    priority = fields.String(validate=_one_of(PRIORITIES))
+    due_date = UTCDateTime(allow_none=True)
+    tags = Tags()
+
+    @pre_load
+    def drop_server_managed(self, data: Any, **_kwargs: Any) -> Any:
+        """So a client can send back the object it received."""
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if key not in SERVER_MANAGED}
+        return data
+
+
+class TaskCreateSchema(TaskWriteSchema):
+    title = Text(trim=True, required=True, validate=TITLE_RULES)
+
+
+class TaskSchema(Schema):
+    """A task as the API returns it."""
+
+    id = fields.UUID(required=True)
+    user_id = fields.String(required=True)
+    title = fields.String(required=True)
+    description = fields.String(allow_none=True, required=True)
+    completed = fields.Boolean(required=True)
+    is_completed = fields.Boolean(required=True)
+    status = fields.String(required=True, validate=_one_of(STATUSES))
+    priority = fields.String(required=True, validate=_one_of(PRIORITIES))
+    due_date = fields.DateTime(format="iso", allow_none=True, required=True)
+    tags = fields.List(fields.String(), required=True)
+    completed_at = fields.DateTime(format="iso", allow_none=True, required=True)
+    created_at = fields.DateTime(format="iso", required=True)
+    updated_at = fields.DateTime(format="iso", required=True)
+
+
+class TaskListQuerySchema(Schema):
+    """Query parameters of the list; unknown ones are ignored."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+
+class MeSchema(Schema):
+    user_id = fields.String(required=True)
+    email = fields.String(allow_none=True, required=True)
+    name = fields.String(allow_none=True, required=True)
+
+
+class ErrorSchema(Schema):
+    """The error envelope: every error response has this body."""
+
+    detail = fields.String(required=True)
+    errors = fields.Dict(
+        keys=fields.String(), values=fields.List(fields.String()), metadata={"description": "422 only"}
+    )
+
+
+class HealthSchema(Schema):
+    status = fields.String(required=True)
