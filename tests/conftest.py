@@ -25,7 +25,7 @@ from todo_api import create_app
 from todo_api.cli import alembic_config
 from todo_api.config import normalize_database_url
 
-SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
+SECRET = "test-secret-that-is-long-enough-for-hs256-and-hs512-0123456789abcdef"
 LOCAL_POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 
 
@@ -80,6 +80,7 @@ def make_config(database_url: str, **overrides: Any) -> dict[str, Any]:
     config = {
         "APP_ENV": "test",
         "DATABASE_URL": database_url,
+        "MIGRATIONS_DATABASE_URL": database_url,
         "BETTER_AUTH_SECRET": SECRET,
         "BETTER_AUTH_URL": None,
         "JWT_ISSUER": [],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sys
 import time
 import uuid
 from datetime import timedelta
@@ -14,9 +15,10 @@ import jwt
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from flask import Flask, current_app
+from flask.cli import AppGroup, with_appcontext
 from sqlalchemy import insert
 
-from .db import get_db
+from .db import get_session
 from .models import PRIORITIES, Task, utcnow
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -25,15 +27,13 @@ SEED_BATCH = 2000
 
 def alembic_config(url: str | None = None) -> AlembicConfig:
     """Alembic driven from the app's configuration; MIGRATIONS_DATABASE_URL wins for Neon's direct endpoint."""
-    config = AlembicConfig()
+    config = AlembicConfig(stdout=sys.stdout)  # the stream of the moment, not the one at import
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.set_main_option("sqlalchemy.url", (url or current_app.config["MIGRATIONS_DATABASE_URL"]).replace("%", "%%"))
     return config
 
 
-@click.group("db")
-def db_group() -> None:
-    """Database migrations (Alembic)."""
+db_group = AppGroup("db", help="Database migrations (Alembic).")
 
 
 @db_group.command("upgrade")
@@ -93,6 +93,7 @@ def _seed_rows(user_id: str, count: int, rng: random.Random) -> list[dict[str, A
 
 
 @click.command("seed")
+@with_appcontext
 @click.option("--user", "user_id", required=True, help="The Better Auth user id (token `sub`).")
 @click.option("--count", default=100, show_default=True, type=click.IntRange(1, 1_000_000))
 @click.option("--random-seed", type=int, default=None, help="Repeatable data.")
@@ -101,15 +102,18 @@ def seed(user_id: str, count: int, random_seed: int | None) -> None:
     rng = random.Random(random_seed)
     rows = _seed_rows(user_id, count, rng)
     started = time.perf_counter()
-    with get_db().engine.begin() as connection, click.progressbar(length=count, label="Seeding") as bar:
+    session = get_session()
+    with click.progressbar(length=count, label="Seeding") as bar:
         for start in range(0, count, SEED_BATCH):
             batch = rows[start:start + SEED_BATCH]
-            connection.execute(insert(Task), batch)
+            session.execute(insert(Task.__table__), batch)
             bar.update(len(batch))
+    session.commit()
     click.echo(f"Wrote {count} tasks for {user_id} in {time.perf_counter() - started:.2f}s")
 
 
 @click.command("token")
+@with_appcontext
 @click.option("--user", "user_id", required=True, help="The `sub` claim.")
 @click.option("--email", default=None)
 @click.option("--name", default=None)

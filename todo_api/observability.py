@@ -40,11 +40,26 @@ class JSONFormatter(logging.Formatter):
 JSONFormatter.converter = time.gmtime
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time, so redirections (and test capture) are honoured."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def configure_logging(level: str) -> None:
     """JSON lines on stderr for the package's loggers (gunicorn keeps its own access log)."""
     logger = logging.getLogger("todo_api")
     if not any(getattr(h, "todo_api_handler", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = StderrHandler()
         handler.setFormatter(JSONFormatter())
         handler.todo_api_handler = True  # type: ignore[attr-defined]
         logger.addHandler(handler)

@@ -1,0 +1,58 @@
+"""The flask CLI: seed, token, db."""
+
+from __future__ import annotations
+
+import jwt
+from sqlalchemy import func, select
+
+from todo_api.db import get_session
+from todo_api.models import Task
+
+from .conftest import SECRET, bearer
+
+
+def count_tasks(app, user_id: str) -> int:
+    with app.app_context():
+        return get_session().scalar(select(func.count()).select_from(Task).where(Task.user_id == user_id))
+
+
+def test_seed_writes_realistic_valid_tasks(app, runner, client):
+    result = runner.invoke(args=["seed", "--user", "seeded", "--count", "250", "--random-seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert "Wrote 250 tasks for seeded" in result.output
+    assert count_tasks(app, "seeded") == 250
+    token = jwt.encode({"sub": "seeded", "exp": 2**31 - 1}, SECRET, algorithm="HS256")
+    page = client.get("/api/seeded/tasks?page_size=250", headers=bearer(token))
+    assert page.status_code == 200 and len(page.json) == 250
+    statuses = {task["status"] for task in page.json}
+    assert statuses == {"pending", "in_progress", "completed"}
+    assert all((task["completed_at"] is not None) == task["completed"] for task in page.json)
+    created = [task["created_at"] for task in page.json]
+    assert created == sorted(created, reverse=True) and len(set(created)) == 250
+
+
+def test_seed_rejects_a_bad_count(runner):
+    result = runner.invoke(args=["seed", "--user", "u", "--count", "0"])
+    assert result.exit_code != 0
+    assert "count" in result.output.lower()
+
+
+def test_token_prints_a_token_the_api_accepts(runner, client):
+    args = ["token", "--user", "dev", "--email", "dev@example.com", "--name", "Dev", "--ttl", "60"]
+    result = runner.invoke(args=args)
+    assert result.exit_code == 0, result.output
+    token = result.output.strip()
+    claims = jwt.decode(token, SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "dev" and claims["exp"] - claims["iat"] == 60
+    me = client.get("/api/me", headers=bearer(token))
+    assert me.json == {"user_id": "dev", "email": "dev@example.com", "name": "Dev"}
+
+
+def test_token_requires_a_user(runner):
+    assert runner.invoke(args=["token"]).exit_code != 0
+
+
+def test_db_current_shows_head(runner):
+    result = runner.invoke(args=["db", "current"])
+    assert result.exit_code == 0, result.output
+    assert "(head)" in result.output

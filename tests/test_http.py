@@ -1,0 +1,208 @@
+"""Cross-cutting HTTP behaviour: error envelope, body rules, slashes, CORS, request ids, caching, docs, health."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from flask import Flask
+from sqlalchemy.exc import OperationalError
+
+from todo_api import create_app
+
+from .conftest import make_config
+
+ORIGIN = "http://localhost:3000"
+
+
+def test_malformed_json_is_400(client, auth):
+    response = client.post("/api/alice/tasks", data='{"title": ', content_type="application/json", headers=auth())
+    assert response.status_code == 400
+    assert response.json == {"detail": "Malformed JSON body"}
+
+
+@pytest.mark.parametrize("body", ["[]", '"title"', "42", "null", '[{"title": "x"}]'])
+def test_body_that_is_not_an_object_is_400(client, auth, body):
+    response = client.post("/api/alice/tasks", data=body, content_type="application/json", headers=auth())
+    assert response.status_code == 400
+    assert response.json == {"detail": "Request body must be a JSON object"}
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "application/xml"])
+def test_body_that_is_not_json_is_415(client, auth, content_type):
+    response = client.post("/api/alice/tasks", data='{"title": "x"}', content_type=content_type, headers=auth())
+    assert response.status_code == 415
+    assert set(response.json) == {"detail"}
+
+
+def test_json_with_charset_is_accepted(client, auth):
+    response = client.post("/api/alice/tasks", data='{"title": "x"}', headers=auth(),
+                           content_type="application/json; charset=utf-8")
+    assert response.status_code == 201
+
+
+def test_body_over_64_kib_is_413(client, auth):
+    body = json.dumps({"title": "x", "description": "y" * (64 * 1024)})
+    response = client.post("/api/alice/tasks", data=body, content_type="application/json", headers=auth())
+    assert response.status_code == 413
+    assert set(response.json) == {"detail"}
+
+
+def test_deeply_nested_json_is_400_not_500(client, auth):
+    body = "[" * 10_000 + "]" * 10_000
+    response = client.post("/api/alice/tasks", data=body, content_type="application/json", headers=auth())
+    assert response.status_code == 400
+
+
+def test_missing_body_on_create_is_422_naming_title(client, auth):
+    response = client.post("/api/alice/tasks", headers=auth())
+    assert response.status_code == 422 and "title" in response.json["errors"]
+
+
+def test_method_not_allowed_is_405_json_with_allow(client, auth):
+    response = client.post("/api/alice/tasks/3f6c1c1e-8a1d-4d53-9a9f-0c1b2d3e4f50", headers=auth())
+    assert response.status_code == 405
+    assert response.json == {"detail": "Method not allowed"}
+    assert "GET" in response.headers["Allow"]
+
+
+def test_unknown_route_is_404_json(client):
+    response = client.get("/nowhere")
+    assert response.status_code == 404 and response.json == {"detail": "Not found"}
+    assert response.content_type == "application/json"
+
+
+@pytest.mark.parametrize("path", ["/api/alice/tasks/", "/api/me/", "/health/", "/health/ready/"])
+def test_trailing_slash_works_without_redirect(client, auth, path):
+    response = client.get(path, headers=auth())
+    assert response.status_code == 200
+
+
+def test_trailing_slash_on_create_is_not_redirected(client, auth):
+    assert client.post("/api/alice/tasks/", json={"title": "x"}, headers=auth()).status_code == 201
+
+
+def test_cors_preflight_from_allowed_origin(client):
+    response = client.options("/api/alice/tasks", headers={
+        "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "Authorization, Content-Type, If-Match, If-None-Match"})
+    assert response.status_code == 200
+    assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
+    allowed = {h.strip().lower() for h in response.headers["Access-Control-Allow-Headers"].split(",")}
+    assert {"authorization", "content-type", "if-match", "if-none-match"} <= allowed
+
+
+def test_cors_exposes_headers_to_allowed_origin(client, auth):
+    response = client.get("/api/alice/tasks", headers={"Origin": ORIGIN, **auth()})
+    assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
+    exposed = {h.strip() for h in response.headers["Access-Control-Expose-Headers"].split(",")}
+    assert {"X-Total-Count", "X-Pagination", "ETag", "Location"} <= exposed
+
+
+def test_other_origins_get_no_cors_headers(client, auth):
+    response = client.get("/api/alice/tasks", headers={"Origin": "https://evil.example.com", **auth()})
+    assert not any(name.startswith("Access-Control-") for name in response.headers.keys())
+    preflight = client.options("/api/alice/tasks", headers={
+        "Origin": "https://evil.example.com", "Access-Control-Request-Method": "GET"})
+    assert "Access-Control-Allow-Origin" not in preflight.headers
+
+
+def test_request_id_is_echoed_or_generated(client, auth):
+    assert client.get("/health", headers={"X-Request-ID": "abc-123"}).headers["X-Request-ID"] == "abc-123"
+    generated = client.get("/health").headers["X-Request-ID"]
+    assert len(generated) == 32
+    assert client.get("/api/alice/tasks").headers["X-Request-ID"]  # errors carry it too
+
+
+def test_unsafe_request_id_is_replaced(client):
+    assert client.get("/health", headers={"X-Request-ID": "a b<script>"}).headers["X-Request-ID"] != "a b<script>"
+
+
+def test_api_responses_are_private_no_cache(client, auth):
+    assert client.get("/api/alice/tasks", headers=auth()).headers["Cache-Control"] == "private, no-cache"
+    assert client.get("/api/alice/tasks").headers["Cache-Control"] == "private, no-cache"
+
+
+def test_log_lines_carry_request_id_and_never_the_token(client, auth, capsys):
+    headers = auth()
+    client.get("/api/alice/tasks", headers={"X-Request-ID": "trace-me", **headers})
+    err = capsys.readouterr().err
+    line = next(json.loads(line) for line in err.splitlines() if "trace-me" in line)
+    assert line["method"] == "GET" and line["path"] == "/api/alice/tasks" and line["status"] == 200
+    assert line["user_id"] == "alice" and isinstance(line["duration_ms"], float)
+    assert headers["Authorization"].split()[1] not in err
+
+
+def test_health_touches_no_database(client, app):
+    db = app.extensions["db"]
+    original, db.sessionmaker = db.sessionmaker, None
+    try:
+        response = client.get("/health")
+    finally:
+        db.sessionmaker = original
+    assert response.status_code == 200 and response.json == {"status": "ok"}
+
+
+def test_ready_checks_the_database(client):
+    assert client.get("/health/ready").json == {"status": "ok"}
+
+
+def test_ready_is_503_when_the_database_is_unreachable(tmp_path):
+    app = create_app(make_config("postgresql+psycopg2://nobody@127.0.0.1:1/none", DB_CONNECT_TIMEOUT=1))
+    response = app.test_client().get("/health/ready")
+    assert response.status_code == 503
+    assert response.json == {"detail": "Database unavailable"}
+    assert response.headers["Retry-After"]
+
+
+@pytest.fixture
+def failing_app(database_url) -> Flask:
+    app = create_app(make_config(database_url))
+
+    @app.get("/boom")
+    def boom():
+        raise RuntimeError("secret internals")
+
+    @app.get("/db-down")
+    def db_down():
+        raise OperationalError("SELECT secret", {}, Exception("connection refused"))
+
+    yield app
+    app.extensions["db"].engine.dispose()
+
+
+def test_unexpected_error_is_generic_500_json(failing_app, capsys):
+    response = failing_app.test_client().get("/boom", headers={"X-Request-ID": "boom-1"})
+    assert response.status_code == 500
+    assert response.json == {"detail": "Internal server error"}
+    err = capsys.readouterr().err
+    logged = next(json.loads(line) for line in err.splitlines() if '"unhandled error"' in line)
+    assert logged["request_id"] == "boom-1" and "secret internals" in logged["exc"]
+
+
+def test_database_outage_is_503_with_retry_after_and_no_sql(failing_app):
+    response = failing_app.test_client().get("/db-down")
+    assert response.status_code == 503
+    assert response.json == {"detail": "Database unavailable"}
+    assert response.headers["Retry-After"] == "5"
+    assert b"SELECT" not in response.data
+
+
+def test_openapi_spec_documents_the_api_and_bearer_auth(client):
+    spec = client.get("/openapi.json").json
+    assert spec["openapi"].startswith("3.")
+    assert spec["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+    paths = spec["paths"]
+    assert {"get", "post"} <= set(paths["/api/{user_id}/tasks"])
+    assert {"get", "put", "patch", "delete"} <= set(paths["/api/{user_id}/tasks/{task_id}"])
+    assert "patch" in paths["/api/{user_id}/tasks/{task_id}/complete"]
+    assert paths["/api/{user_id}/tasks"]["post"]["summary"] == "Create a task."
+
+
+def test_docs_are_served_with_local_assets(client):
+    page = client.get("/docs")
+    assert page.status_code == 200 and b"/docs/assets/swagger-ui-bundle.js" in page.data
+    assert b"https://" not in page.data
+    asset = client.get("/docs/assets/swagger-ui-bundle.js")
+    assert asset.status_code == 200 and len(asset.data) > 100_000
+    asset.close()

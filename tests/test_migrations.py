@@ -1,0 +1,71 @@
+"""Alembic migrations: reversible, and in step with the models, on both dialects."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Connection, create_engine, inspect, text
+
+from todo_api.cli import alembic_config
+from todo_api.models import Base
+
+
+@pytest.fixture
+def empty_database(database_url: str, tmp_path) -> Iterator[Connection]:
+    """A connection to an empty schema: a fresh PostgreSQL schema, or a fresh SQLite file."""
+    if database_url.startswith("sqlite"):
+        engine = create_engine(f"sqlite:///{tmp_path / 'migrations.db'}")
+        with engine.connect() as connection:
+            yield connection
+        engine.dispose()
+        return
+    schema = f"migrations_{uuid.uuid4().hex[:8]}"
+    engine = create_engine(database_url)
+    with engine.connect() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+        connection.execute(text(f'SET search_path TO "{schema}"'))
+        connection.commit()
+        try:
+            yield connection
+        finally:
+            connection.rollback()
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+            connection.commit()
+    engine.dispose()
+
+
+def migrate(connection: Connection, direction: str, revision: str) -> None:
+    config = alembic_config("sqlite://")  # the URL is unused: the connection is passed in
+    config.attributes["connection"] = connection
+    getattr(command, direction)(config, revision)
+    connection.commit()
+
+
+def model_differences(connection: Connection) -> list:
+    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    return compare_metadata(context, Base.metadata)
+
+
+def test_upgrade_downgrade_upgrade(empty_database):
+    migrate(empty_database, "upgrade", "head")
+    assert "tasks" in inspect(empty_database).get_table_names()
+    migrate(empty_database, "downgrade", "base")
+    assert "tasks" not in inspect(empty_database).get_table_names()
+    migrate(empty_database, "upgrade", "head")
+    assert "tasks" in inspect(empty_database).get_table_names()
+
+
+def test_autogenerate_finds_no_difference_from_the_models(empty_database):
+    migrate(empty_database, "upgrade", "head")
+    assert model_differences(empty_database) == []
+
+
+def test_the_list_index_exists(empty_database):
+    migrate(empty_database, "upgrade", "head")
+    indexes = {index["name"]: index["column_names"] for index in inspect(empty_database).get_indexes("tasks")}
+    assert indexes["ix_tasks_user_created"] == ["user_id", "created_at", "id"]
