@@ -3,7 +3,7 @@
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from todo_api.models import Base, UTCDateTime
+from todo_api.models import Base, UTCDateTime, include_in_autogenerate
 
 config = context.config
 target_metadata = Base.metadata
@@ -22,6 +22,7 @@ def run_with(connection):
         target_metadata=target_metadata,
         compare_type=True,
         render_item=render_item,
+        include_object=include_in_autogenerate,
         render_as_batch=connection.dialect.name == "sqlite",
     )
     with context.begin_transaction():

@@ -1,7 +1,18 @@
-"""Bearer JWT authentication: a loader that decodes the token into `g`, and guards that enforce it."""
+"""Bearer JWT authentication: a loader that decodes the token into `g`, and guards that enforce it.
+
+Two ways to sign, each on when configured, both possibly at once (contract, Authentication):
+1. HS256 with BETTER_AUTH_SECRET (custom issuers, dev tokens);
+2. Better Auth's jwt() plugin: EdDSA/ES256/ES512/RS256/PS256 keys from its JWKS (BETTER_AUTH_URL).
+The token's header only routes it (HS256 -> the secret, anything supported -> the JWKS); each way then pins its
+own algorithms, so HS256 is only ever checked against the secret and a JWKS key only with its own algorithm.
+"""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jwt
@@ -9,11 +20,15 @@ from flask import Flask, current_app, g, request
 from flask.views import MethodView
 from flask_smorest import Blueprint, abort
 
+from .jwks import SUPPORTED_ALGORITHMS, JWKSCache, JWKSUnavailable
 from .schemas import MeSchema
 
 MISSING_TOKEN = "Missing authentication token"
 INVALID_TOKEN = "Invalid authentication token"
 EXPIRED_TOKEN = "Authentication token expired"
+AUTH_UNAVAILABLE = "Authentication service unavailable"
+TOKEN_CACHE_SIZE = 4096
+EXTENSION = "todo_api.auth"
 
 blp = Blueprint("me", __name__, url_prefix="/api/me", description="The signed-in user")
 
@@ -26,18 +41,18 @@ class TokenError(Exception):
         self.message = message
 
 
-def decode_hs256(token: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Verify a token signed with the shared secret; the algorithm is pinned, never read from the token."""
-    issuers, audiences = config["JWT_ISSUER"], config["JWT_AUDIENCE"]
+def verify(token: str, key: Any, algorithms: Sequence[str], issuers: Sequence[str] | None,
+           audiences: Sequence[str] | None, leeway: float) -> dict[str, Any]:
+    """jwt.decode with the rules shared by both ways; PyJWT errors become 401 messages."""
     try:
         return jwt.decode(
             token,
-            config["BETTER_AUTH_SECRET"],
-            algorithms=["HS256"],
-            issuer=issuers or None,
-            audience=audiences or None,
-            leeway=config["JWT_LEEWAY"],
-            options={"require": ["exp", "sub"], "verify_aud": bool(audiences)},
+            key,
+            algorithms=algorithms,
+            issuer=issuers,
+            audience=audiences,
+            leeway=leeway,
+            options={"require": ["exp", "sub"], "verify_aud": audiences is not None},
         )
     except jwt.ExpiredSignatureError:
         raise TokenError(EXPIRED_TOKEN) from None
@@ -45,17 +60,96 @@ def decode_hs256(token: str, config: dict[str, Any]) -> dict[str, Any]:
         raise TokenError(INVALID_TOKEN) from None
 
 
+class TokenCache:
+    """Claims of verified tokens, keyed by the whole token string, until the token's exp at the latest.
+
+    A hit skips parsing and signature checks. The cost: a cached token stays accepted until its exp even if its
+    key is removed from the JWKS meanwhile (Better Auth tokens live 15 minutes). Bounded, least recently used
+    entries go first; thread-safe.
+    """
+
+    def __init__(self, max_size: int = TOKEN_CACHE_SIZE, clock: Callable[[], float] = time.time) -> None:
+        self.max_size = max_size
+        self._clock = clock  # wall clock: exp is a Unix time
+        self._entries: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, token: str) -> dict[str, Any] | None:
+        with self._lock:
+            entry = self._entries.get(token)
+            if entry is None:
+                return None
+            if entry[0] <= self._clock():
+                del self._entries[token]
+                return None
+            self._entries.move_to_end(token)
+        return dict(entry[1])  # a copy, so no request can change what the next one sees
+
+    def put(self, token: str, claims: dict[str, Any]) -> None:
+        exp = float(claims["exp"])
+        if exp <= self._clock():  # accepted only thanks to the leeway: not worth keeping
+            return
+        with self._lock:
+            self._entries[token] = (exp, dict(claims))
+            self._entries.move_to_end(token)
+            while len(self._entries) > self.max_size:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class Authenticator:
+    """Token verification for one app, built once from its config and shared by the worker's threads."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.secret: str | None = config.get("BETTER_AUTH_SECRET") or None
+        self.leeway: float = config["JWT_LEEWAY"]
+        issuers, audiences = list(config["JWT_ISSUER"]), list(config["JWT_AUDIENCE"])
+        # HS256: iss/aud only when configured (plan documents). JWKS: Better Auth's own default, its origin.
+        self.hs256_issuers, self.hs256_audiences = issuers or None, audiences or None
+        origin = (config.get("BETTER_AUTH_URL") or "").rstrip("/")
+        self.jwks_issuers, self.jwks_audiences = issuers or [origin], audiences or [origin]
+        self.jwks: JWKSCache | None = None
+        if origin:  # lazy: nothing is fetched before the first token needs a key
+            self.jwks = JWKSCache(config.get("BETTER_AUTH_JWKS_URL") or f"{origin}/api/auth/jwks")
+        self.tokens = TokenCache()
+
+    def decode(self, token: str) -> dict[str, Any]:
+        """Verified claims, or TokenError (401) / JWKSUnavailable (503)."""
+        claims = self.tokens.get(token)
+        if claims is None:
+            claims = self._verify(token)
+            self.tokens.put(token, claims)
+        return claims
+
+    def _verify(self, token: str) -> dict[str, Any]:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise TokenError(INVALID_TOKEN) from None
+        alg, kid = header.get("alg"), header.get("kid")
+        if alg == "HS256" and self.secret:
+            return verify(token, self.secret, ["HS256"], self.hs256_issuers, self.hs256_audiences, self.leeway)
+        # alg none, HS512, ES384, ... and kid-less tokens are refused here, before any network work.
+        if self.jwks is None or not isinstance(alg, str) or alg not in SUPPORTED_ALGORITHMS or not isinstance(kid, str):
+            raise TokenError(INVALID_TOKEN)
+        key = self.jwks.get(kid)
+        if key is None:
+            raise TokenError(INVALID_TOKEN)
+        # Only the key's own algorithm: an ES256 header on an RSA key, or RS256 on a PS256 key, fails.
+        return verify(token, key, [key.algorithm_name], self.jwks_issuers, self.jwks_audiences, self.leeway)
+
+
 def decode_token(token: str) -> dict[str, Any]:
-    """The seam where JWKS verification plugs in beside HS256."""
-    config = current_app.config
-    if not config.get("BETTER_AUTH_SECRET"):
-        raise TokenError(INVALID_TOKEN)
-    return decode_hs256(token, config)
+    """Verify a bearer token with the app's Authenticator."""
+    authenticator: Authenticator = current_app.extensions[EXTENSION]
+    return authenticator.decode(token)
 
 
 def load_user() -> None:
     """Decode the bearer token, if any, into g.claims / g.user_id; remember why it failed otherwise."""
-    g.claims = g.user_id = g.auth_error = None
+    g.claims = g.user_id = g.auth_error = g.auth_retry_after = None
     if not request.path.startswith("/api/"):
         return
     header = request.headers.get("Authorization", "")
@@ -69,16 +163,20 @@ def load_user() -> None:
             g.claims = decode_token(token.strip())
         except TokenError as error:
             g.auth_error = error.message
+        except JWKSUnavailable as error:
+            g.auth_error, g.auth_retry_after = AUTH_UNAVAILABLE, error.retry_after
         else:
             g.user_id = g.claims["sub"]
 
 
 def require_user() -> None:
-    """Guard for API blueprints: 401 unless the loader found a valid token. Preflights pass through."""
+    """Guard for API blueprints: 401 (or 503) unless the loader found a valid token. Preflights pass through."""
     if request.method == "OPTIONS":
         return
     if g.get("user_id") is None:
         message = g.get("auth_error") or MISSING_TOKEN
+        if message == AUTH_UNAVAILABLE:
+            abort(503, message=message, headers={"Retry-After": str(g.auth_retry_after)})
         challenge = "Bearer" if message == MISSING_TOKEN else 'Bearer error="invalid_token"'
         abort(401, message=message, headers={"WWW-Authenticate": challenge})
 
@@ -103,4 +201,5 @@ blp.before_request(require_user)
 
 
 def init_app(app: Flask) -> None:
+    app.extensions[EXTENSION] = Authenticator(app.config)
     app.before_request(load_user)

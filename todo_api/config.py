@@ -65,6 +65,17 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _http_url(env: dict[str, str], name: str) -> str | None:
+    """An http(s) URL or None; anything else stops start-up rather than failing on the first token."""
+    value = (env.get(name) or "").strip()
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{name} must be an http(s) URL, got {value!r}")
+    return value
+
+
 def _dev_secret(instance_path: Path) -> str:
     """A random secret kept in the instance folder, so dev tokens survive restarts."""
     path = instance_path / "dev-secret"
@@ -87,7 +98,7 @@ def load_config(instance_path: Path, env: dict[str, str] | None = None) -> dict[
 
     database_url = env.get("DATABASE_URL") or f"sqlite:///{instance_path / 'todo.db'}"
     secret = env.get("BETTER_AUTH_SECRET") or None
-    better_auth_url = (env.get("BETTER_AUTH_URL") or "").rstrip("/") or None
+    better_auth_url = (_http_url(env, "BETTER_AUTH_URL") or "").rstrip("/") or None
 
     return {
         "APP_ENV": app_env,
@@ -95,8 +106,9 @@ def load_config(instance_path: Path, env: dict[str, str] | None = None) -> dict[
         "MIGRATIONS_DATABASE_URL": normalize_database_url(env.get("MIGRATIONS_DATABASE_URL") or database_url),
         "BETTER_AUTH_SECRET": secret,
         "BETTER_AUTH_URL": better_auth_url,
-        "BETTER_AUTH_JWKS_URL": env.get("BETTER_AUTH_JWKS_URL")
-        or (f"{better_auth_url}/api/auth/jwks" if better_auth_url else None),
+        # The default (BETTER_AUTH_URL + /api/auth/jwks) is applied by auth.Authenticator, so an override of
+        # BETTER_AUTH_URL alone (tests, create_app(config)) moves the JWKS with it.
+        "BETTER_AUTH_JWKS_URL": _http_url(env, "BETTER_AUTH_JWKS_URL"),
         "JWT_ISSUER": _split_list(env.get("JWT_ISSUER")),
         "JWT_AUDIENCE": _split_list(env.get("JWT_AUDIENCE")),
         "JWT_LEEWAY": _int(env, "JWT_LEEWAY", 30),

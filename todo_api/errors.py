@@ -69,12 +69,12 @@ def error_response(status: int, detail: str | None = None, headers: dict[str, st
 
 def handle_http_exception(error: HTTPException) -> Response:
     status = error.code or 500
-    if status == 304:
-        return Response(status=304)
-    if status >= 500 and isinstance(error, InternalServerError) and error.original_exception is not None:
-        return handle_unexpected(error.original_exception)
     data = getattr(error, "data", None) or {}
     headers = dict(data.get("headers") or {})
+    if status == 304:
+        return Response(status=304, headers=headers)
+    if status >= 500 and isinstance(error, InternalServerError) and error.original_exception is not None:
+        return handle_unexpected(error.original_exception)
     if status == 405 and getattr(error, "valid_methods", None):
         headers["Allow"] = ", ".join(error.valid_methods)
     if status == 422:

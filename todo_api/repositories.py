@@ -6,10 +6,31 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, delete, func, literal, select, update
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    case,
+    exists,
+    func,
+    literal,
+    not_,
+    or_,
+    select,
+    type_coerce,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
-from .models import Task, UTCDateTime, utcnow
+from .models import PRIORITIES, PRIORITY_RANK, TITLE_KEY, Task, UTCDateTime, utcnow
+
+SORT_KEYS: dict[str, ColumnElement[Any]] = {
+    "created_at": Task.created_at,
+    "updated_at": Task.updated_at,
+    "due_date": Task.due_date,
+    "priority": PRIORITY_RANK,
+    "title": TITLE_KEY,
+}
 
 
 class TaskNotFound(LookupError):
@@ -38,22 +59,102 @@ def _apply(task: Task, changes: dict[str, Any], now: datetime) -> None:
     task.updated_at = now
 
 
-def list_tasks(session: Session, user_id: str, *, page: int, page_size: int) -> tuple[list[Task], int]:
-    """One page of the user's tasks, newest first, and the total count."""
-    owned = Task.user_id == user_id
-    total = session.scalar(select(func.count()).select_from(Task).where(owned)) or 0
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _has_tags(dialect: str, tags: list[str]) -> ColumnElement[bool]:
+    if dialect == "postgresql":
+        return type_coerce(Task.tags, JSONB).contains(tags)
+    # SQLite: one EXISTS over json_each per tag.
+    conditions = []
+    for tag in tags:
+        values = func.json_each(Task.tags).table_valued("value")
+        conditions.append(exists(select(1).select_from(values).where(values.c.value == tag)))
+    return and_(*conditions)
+
+
+def _overdue(now: datetime) -> ColumnElement[bool]:
+    # The IS NOT NULL keeps the expression two-valued, so NOT(overdue) includes tasks without a due date.
+    return and_(Task.due_date.is_not(None), Task.due_date < now, Task.status != "completed")
+
+
+def _filters(dialect: str, params: dict[str, Any]) -> list[ColumnElement[bool]]:
+    """Turn validated list parameters into WHERE conditions."""
+    conditions: list[ColumnElement[bool]] = []
+    if params.get("completed") is not None:
+        is_done = Task.status == "completed"
+        conditions.append(is_done if params["completed"] else not_(is_done))
+    if params.get("status", "all") != "all":
+        conditions.append(Task.status == params["status"])
+    if params.get("priority"):
+        conditions.append(Task.priority.in_(params["priority"]))
+    if params.get("tag"):
+        conditions.append(_has_tags(dialect, list(dict.fromkeys(params["tag"]))))
+    if params.get("q"):
+        pattern = f"%{_escape_like(params['q'])}%"
+        conditions.append(or_(Task.title.ilike(pattern, escape="\\"), Task.description.ilike(pattern, escape="\\")))
+    if params.get("due_before") is not None:
+        conditions.append(Task.due_date < params["due_before"])
+    if params.get("due_after") is not None:
+        conditions.append(Task.due_date >= params["due_after"])
+    if params.get("overdue") is not None:
+        overdue = _overdue(utcnow())
+        conditions.append(overdue if params["overdue"] else not_(overdue))
+    return conditions
+
+
+def _ordering(sort: str, order: str) -> list[ColumnElement[Any]]:
+    key = SORT_KEYS[sort]
+    descending = order == "desc"
+    primary = key.desc() if descending else key.asc()
+    if sort == "due_date":
+        primary = primary.nulls_last()
+    return [primary, Task.id.desc() if descending else Task.id.asc()]
+
+
+def list_tasks(
+    session: Session, user_id: str, params: dict[str, Any], *, page: int, page_size: int
+) -> tuple[list[Task], int]:
+    """One page of the user's tasks, filtered and ordered, and the total under the same filters."""
+    where = [Task.user_id == user_id, *_filters(session.get_bind().dialect.name, params)]
+    total = session.scalar(select(func.count()).select_from(Task).where(*where)) or 0
     rows = session.scalars(
         select(Task)
-        .where(owned)
-        .order_by(Task.created_at.desc(), Task.id.desc())
+        .where(*where)
+        .order_by(*_ordering(params.get("sort", "created_at"), params.get("order", "desc")))
         .limit(page_size)
         .offset((page - 1) * page_size)
     ).all()
     return list(rows), total
 
 
-def get_task(session: Session, user_id: str, task_id: uuid.UUID) -> Task:
-    task = session.scalar(select(Task).where(Task.id == task_id, Task.user_id == user_id))
+def summarize(session: Session, user_id: str) -> dict[str, Any]:
+    """Counts by status and priority, and overdue, in one query."""
+    def count_where(condition: ColumnElement[bool]) -> ColumnElement[int]:
+        return func.count().filter(condition)
+
+    columns = [
+        func.count().label("total"),
+        *(count_where(Task.status == status).label(status) for status in ("completed", "pending", "in_progress")),
+        count_where(_overdue(utcnow())).label("overdue"),
+        *(count_where(Task.priority == priority).label(priority) for priority in PRIORITIES),
+    ]
+    row = session.execute(select(*columns).where(Task.user_id == user_id)).one()._mapping
+    return {
+        "total": row["total"],
+        "completed": row["completed"],
+        "pending": row["pending"],
+        "in_progress": row["in_progress"],
+        "overdue": row["overdue"],
+        "by_priority": {priority: row[priority] for priority in PRIORITIES},
+    }
+
+
+def get_task(session: Session, user_id: str, task_id: uuid.UUID, *, for_update: bool = False) -> Task:
+    """The user's task; `for_update` locks the row until commit (for If-Match checks)."""
+    query = select(Task).where(Task.id == task_id, Task.user_id == user_id)
+    task = session.scalar(query.with_for_update() if for_update else query)
     if task is None:
         raise TaskNotFound(task_id)
     return task
@@ -68,17 +169,17 @@ def create_task(session: Session, user_id: str, data: dict[str, Any]) -> Task:
     return task
 
 
-def update_task(session: Session, user_id: str, task_id: uuid.UUID, changes: dict[str, Any]) -> Task:
-    task = get_task(session, user_id, task_id)
+def update_task(session: Session, task: Task, changes: dict[str, Any]) -> Task:
+    """Apply changes to a task loaded through get_task (so already scoped to its user)."""
     _apply(task, changes, utcnow())
     session.flush()
     return task
 
 
-def delete_task(session: Session, user_id: str, task_id: uuid.UUID) -> None:
-    result = session.execute(delete(Task).where(Task.id == task_id, Task.user_id == user_id))
-    if result.rowcount == 0:
-        raise TaskNotFound(task_id)
+def delete_task(session: Session, task: Task) -> None:
+    """Delete a task loaded through get_task."""
+    session.delete(task)
+    session.flush()
 
 
 def set_completed(session: Session, user_id: str, task_id: uuid.UUID, completed: bool | None) -> Task:

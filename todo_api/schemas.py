@@ -147,11 +147,53 @@ class TaskSchema(Schema):
     updated_at = fields.DateTime(format="iso", required=True)
 
 
+class QueryBoolean(fields.Field):
+    """Exactly `true` or `false` in a query string."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if value not in ("true", "false"):
+            raise ValidationError("Must be true or false.")
+        return value == "true"
+
+
+SORT_FIELDS = ("created_at", "updated_at", "due_date", "priority", "title")
+
+
 class TaskListQuerySchema(Schema):
-    """Query parameters of the list; unknown ones are ignored."""
+    """Filters and ordering of the list; unknown parameters are ignored."""
 
     class Meta:
         unknown = EXCLUDE
+
+    completed = QueryBoolean()
+    status = fields.String(load_default="all", validate=_one_of(("all", *STATUSES)))
+    priority = fields.List(fields.String(validate=_one_of(PRIORITIES)), metadata={"description": "Repeatable."})
+    tag = fields.List(Text(trim=True, validate=validate.Length(1, 50)),
+                      metadata={"description": "Repeatable; the task must carry every tag given."})
+    q = Text(validate=validate.Length(max=200), metadata={"description": "Case-insensitive substring of title "
+                                                                        "or description; % and _ are literal."})
+    search = Text(validate=validate.Length(max=200), metadata={"description": "Alias of q."})
+    due_before = UTCDateTime(metadata={"description": "due_date < this."})
+    due_after = UTCDateTime(metadata={"description": "due_date >= this."})
+    overdue = QueryBoolean(metadata={"description": "true: due before now and not completed."})
+    sort = fields.String(load_default="created_at", validate=_one_of(SORT_FIELDS))
+    order = fields.String(load_default="desc", validate=_one_of(("asc", "desc")))
+
+    @post_load
+    def merge_search_alias(self, data: dict[str, Any], **_kwargs: Any) -> dict[str, Any]:
+        search = data.pop("search", None)
+        data.setdefault("q", search)
+        return data
+
+
+class SummarySchema(Schema):
+    total = fields.Integer(required=True)
+    completed = fields.Integer(required=True)
+    pending = fields.Integer(required=True)
+    in_progress = fields.Integer(required=True)
+    overdue = fields.Integer(required=True)
+    by_priority = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True,
+                              metadata={"description": '{"low", "medium", "high"}'})
 
 
 class MeSchema(Schema):

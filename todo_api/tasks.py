@@ -5,35 +5,69 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from flask import Response, url_for
+import flask_smorest
+from flask import Response, request, url_for
 from flask.views import MethodView
-from flask_smorest import Blueprint, abort
+from flask_smorest import abort
+from flask_smorest.etag import _get_etag_ctx
+from flask_smorest.exceptions import NotModified
 from flask_smorest.pagination import PaginationParameters
 
 from . import repositories as repo
 from .auth import require_path_user
 from .db import get_session
+from .models import Task
 from .parser import JSONParser
-from .schemas import CompletionSchema, TaskCreateSchema, TaskListQuerySchema, TaskSchema, TaskWriteSchema
-
-blp = Blueprint(
-    "tasks", __name__, url_prefix="/api/<string:user_id>/tasks", description="The signed-in user's tasks"
+from .schemas import (
+    CompletionSchema,
+    SummarySchema,
+    TaskCreateSchema,
+    TaskListQuerySchema,
+    TaskSchema,
+    TaskWriteSchema,
 )
-blp.ARGUMENTS_PARSER = JSONParser()
-blp.before_request(require_path_user)
 
 TASK_NOT_FOUND = "Task not found"
 
 
+class Blueprint(flask_smorest.Blueprint):
+    """flask-smorest's ETag support, with If-Match optional (the contract asks for 412, never 428)."""
+
+    ARGUMENTS_PARSER = JSONParser()
+
+    def _check_precondition(self) -> None:
+        pass
+
+    def check_etag(self, etag_data: Any, etag_schema: Any = None) -> None:
+        if request.if_match:
+            super().check_etag(etag_data, etag_schema)
+        else:
+            _get_etag_ctx()["etag_checked"] = True
+
+    def _check_not_modified(self, etag: str) -> None:
+        # A 304 carries the ETag it validated.
+        if request.method in self.METHODS_CHECKING_NOT_MODIFIED and etag in request.if_none_match:
+            not_modified = NotModified()
+            not_modified.data = {"headers": {"ETag": f'"{etag}"'}}
+            raise not_modified
+
+
+blp = Blueprint(
+    "tasks", __name__, url_prefix="/api/<string:user_id>/tasks", description="The signed-in user's tasks"
+)
+blp.before_request(require_path_user)
+
+
 @blp.route("")
 class Tasks(MethodView):
-    @blp.arguments(TaskListQuerySchema, location="query", as_kwargs=True)
+    @blp.arguments(TaskListQuerySchema, location="query")
     @blp.response(200, TaskSchema(many=True))
     @blp.paginate(page_size=100, max_page_size=1000)
-    def get(self, user_id: str, pagination_parameters: PaginationParameters, **_filters: Any) -> Any:
-        """List the user's tasks, newest first."""
+    def get(self, params: dict[str, Any], user_id: str, pagination_parameters: PaginationParameters) -> Any:
+        """List the user's tasks: filters, sorting and paging."""
         tasks, total = repo.list_tasks(
-            get_session(), user_id, page=pagination_parameters.page, page_size=pagination_parameters.page_size
+            get_session(), user_id, params,
+            page=pagination_parameters.page, page_size=pagination_parameters.page_size,
         )
         pagination_parameters.item_count = total
         return tasks, {"X-Total-Count": str(total)}
@@ -45,51 +79,61 @@ class Tasks(MethodView):
         session = get_session()
         task = repo.create_task(session, user_id, data)
         session.commit()
-        location = url_for("tasks.TaskById", user_id=user_id, task_id=task.id)
-        return task, {"Location": location}
+        return task, {"Location": url_for("tasks.TaskById", user_id=user_id, task_id=task.id)}
+
+
+@blp.route("/summary")
+class TaskSummary(MethodView):
+    @blp.response(200, SummarySchema)
+    def get(self, user_id: str) -> dict[str, Any]:
+        """Counts by status and priority, and overdue tasks, for dashboards."""
+        return repo.summarize(get_session(), user_id)
 
 
 @blp.route("/<uuid:task_id>")
 class TaskById(MethodView):
+    @blp.etag
     @blp.response(200, TaskSchema)
     def get(self, user_id: str, task_id: uuid.UUID) -> Any:
-        """Get one task."""
-        try:
-            return repo.get_task(get_session(), user_id, task_id)
-        except repo.TaskNotFound:
-            abort(404, message=TASK_NOT_FOUND)
+        """Get one task (ETag; If-None-Match gives 304)."""
+        return _find(user_id, task_id)
 
+    @blp.etag
     @blp.arguments(TaskWriteSchema)
     @blp.response(200, TaskSchema)
     def put(self, changes: dict[str, Any], user_id: str, task_id: uuid.UUID) -> Any:
-        """Update the fields sent."""
+        """Update the fields sent (If-Match gives 412 when stale)."""
         return _update(user_id, task_id, changes)
 
+    @blp.etag
     @blp.arguments(TaskWriteSchema)
     @blp.response(200, TaskSchema)
     def patch(self, changes: dict[str, Any], user_id: str, task_id: uuid.UUID) -> Any:
-        """Update the fields sent (same as PUT)."""
+        """Update the fields sent; same as PUT."""
         return _update(user_id, task_id, changes)
 
+    @blp.etag
     @blp.response(204)
     def delete(self, user_id: str, task_id: uuid.UUID) -> Response:
-        """Delete a task."""
+        """Delete a task (If-Match honoured)."""
         session = get_session()
-        try:
-            repo.delete_task(session, user_id, task_id)
-        except repo.TaskNotFound:
-            abort(404, message=TASK_NOT_FOUND)
+        repo.delete_task(session, _find_unchanged(user_id, task_id))
         session.commit()
         return no_content()
 
 
 @blp.route("/<uuid:task_id>/complete")
 class TaskCompletion(MethodView):
+    @blp.etag
     @blp.arguments(CompletionSchema, required=False)
     @blp.response(200, TaskSchema)
     def patch(self, body: dict[str, Any], user_id: str, task_id: uuid.UUID) -> Any:
         """Toggle completion atomically, or set it with {"completed": true|false}."""
         session = get_session()
+        if request.if_match:
+            _find_unchanged(user_id, task_id)
+        else:
+            blp.check_etag(None)
         try:
             task = repo.set_completed(session, user_id, task_id, body.get("completed"))
         except repo.TaskNotFound:
@@ -98,17 +142,28 @@ class TaskCompletion(MethodView):
         return task
 
 
+def _find(user_id: str, task_id: uuid.UUID, *, lock: bool = False) -> Task:
+    try:
+        return repo.get_task(get_session(), user_id, task_id, for_update=lock)
+    except repo.TaskNotFound:
+        abort(404, message=TASK_NOT_FOUND)
+
+
+def _find_unchanged(user_id: str, task_id: uuid.UUID) -> Task:
+    """The task, locked and compared with If-Match when the client sent one: 412 if it changed since."""
+    task = _find(user_id, task_id, lock=bool(request.if_match))
+    blp.check_etag(task, TaskSchema)
+    return task
+
+
+def _update(user_id: str, task_id: uuid.UUID, changes: dict[str, Any]) -> Task:
+    session = get_session()
+    task = repo.update_task(session, _find_unchanged(user_id, task_id), changes)
+    session.commit()
+    return task
+
+
 def no_content() -> Response:
     response = Response(status=204)
     del response.headers["Content-Type"]
     return response
-
-
-def _update(user_id: str, task_id: uuid.UUID, changes: dict[str, Any]) -> Any:
-    session = get_session()
-    try:
-        task = repo.update_task(session, user_id, task_id, changes)
-    except repo.TaskNotFound:
-        abort(404, message=TASK_NOT_FOUND)
-    session.commit()
-    return task

@@ -19,7 +19,8 @@ class OrjsonProvider(JSONProvider):
     """orjson is much faster than json, and bounds nesting depth instead of overflowing the stack."""
 
     def dumps(self, obj: Any, **kwargs: Any) -> str:
-        return orjson.dumps(obj, default=str).decode()
+        option = orjson.OPT_SORT_KEYS if kwargs.get("sort_keys") else 0
+        return orjson.dumps(obj, default=str, option=option).decode()
 
     def loads(self, s: str | bytes, **kwargs: Any) -> Any:
         return orjson.loads(s)
