@@ -100,7 +100,7 @@ class JWKSCache:
         self.url = url
         self.refresh_interval = refresh_interval
         self.max_age = max_age
-        self._clock = clock
+        self.clock = clock  # injectable, so tests move time instead of sleeping
         self._client = PyJWKClient(url, cache_jwk_set=False, headers={"User-Agent": USER_AGENT}, timeout=timeout)
         # Replaced as a whole, never mutated, so readers need no lock.
         self._keys: dict[str, PyJWK] = {}
@@ -135,17 +135,17 @@ class JWKSCache:
         """Whole seconds until the next fetch is allowed (at least 1)."""
         if self._attempted_at is None:
             return 1
-        return max(1, math.ceil(self._attempted_at + self.refresh_interval - self._clock()))
+        return max(1, math.ceil(self._attempted_at + self.refresh_interval - self.clock()))
 
     def _is_stale(self) -> bool:
-        return self._fetched_at is None or self._clock() - self._fetched_at >= self.max_age
+        return self._fetched_at is None or self.clock() - self._fetched_at >= self.max_age
 
     def _may_fetch(self) -> bool:
-        return self._attempted_at is None or self._clock() - self._attempted_at >= self.refresh_interval
+        return self._attempted_at is None or self.clock() - self._attempted_at >= self.refresh_interval
 
     def _fetch(self) -> None:
         """One fetch (caller holds the lock). Any failure keeps the keys we have."""
-        self._attempted_at = self._clock()
+        self._attempted_at = self.clock()
         try:
             keys = parse_jwks(self._client.fetch_data())
         except (jwt.PyJWTError, OSError, ValueError) as error:  # network, HTTP status, not JSON, not a JWKS
