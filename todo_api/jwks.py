@@ -82,8 +82,10 @@ class JWKSCache:
     """kid -> PyJWK for one JWKS URL, shared by the threads of a worker.
 
     - Nothing is fetched until the first token needs a key, so start-up never depends on the auth server.
-    - A fetch happens when a kid is unknown or the keys are older than `max_age`, and never more than once per
-      `refresh_interval` (successful or not): a flood of random kids costs the auth server one request per 30 s.
+    - An unknown kid triggers a fetch at most once per `refresh_interval` (30 s, successful or not): a flood of
+      random kids costs the auth server one request per 30 s. Keys older than `max_age` are re-fetched once, on
+      the next request (retried at most every 30 s while that fails). The two are paced separately, so a routine
+      re-fetch just before Better Auth rotates its key does not keep the new kid out for 30 s.
     - A failed fetch keeps the cached keys. A kid that is not cached then raises JWKSUnavailable, since the key
       may well exist; a kid missing from a successful fetch is simply unknown (None).
     """
@@ -106,6 +108,7 @@ class JWKSCache:
         self._keys: dict[str, PyJWK] = {}
         self._fetched_at: float | None = None  # last successful fetch
         self._attempted_at: float | None = None  # last fetch, successful or not
+        self._unknown_kid_fetch_at: float | None = None  # last fetch caused by an unknown kid
         self._available = True  # whether the last fetch succeeded
         self._fetch_lock = threading.Lock()
 
@@ -116,7 +119,7 @@ class JWKSCache:
             # Re-check old keys, but only one thread does it; the others go on with the cached key.
             if self._is_stale() and self._fetch_lock.acquire(blocking=False):
                 try:
-                    if self._is_stale() and self._may_fetch():
+                    if self._is_stale() and self._due(self._attempted_at):
                         self._fetch()
                 finally:
                     self._fetch_lock.release()
@@ -124,7 +127,8 @@ class JWKSCache:
             return key
         # Unknown kid: threads queue behind one fetch and then all see its result.
         with self._fetch_lock:
-            if kid not in self._keys and self._may_fetch():
+            if kid not in self._keys and self._due(self._unknown_kid_fetch_at):
+                self._unknown_kid_fetch_at = self.clock()
                 self._fetch()
             key = self._keys.get(kid)
             if key is None and not self._available:
@@ -132,16 +136,16 @@ class JWKSCache:
             return key
 
     def retry_after(self) -> int:
-        """Whole seconds until the next fetch is allowed (at least 1)."""
-        if self._attempted_at is None:
+        """Whole seconds until an unknown kid may trigger a fetch again (at least 1)."""
+        if self._unknown_kid_fetch_at is None:
             return 1
-        return max(1, math.ceil(self._attempted_at + self.refresh_interval - self.clock()))
+        return max(1, math.ceil(self._unknown_kid_fetch_at + self.refresh_interval - self.clock()))
 
     def _is_stale(self) -> bool:
         return self._fetched_at is None or self.clock() - self._fetched_at >= self.max_age
 
-    def _may_fetch(self) -> bool:
-        return self._attempted_at is None or self.clock() - self._attempted_at >= self.refresh_interval
+    def _due(self, last: float | None) -> bool:
+        return last is None or self.clock() - last >= self.refresh_interval
 
     def _fetch(self) -> None:
         """One fetch (caller holds the lock). Any failure keeps the keys we have."""

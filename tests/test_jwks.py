@@ -1,0 +1,609 @@
+"""Better Auth's JWKS way (contract, Authentication, way 2), against a local JWKS endpoint and keys made here.
+
+Time for the JWKS cache is a fake clock, so the 30 s refresh limit is proven without sleeping.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from flask import Flask
+from jwt.algorithms import get_default_algorithms
+
+from todo_api import create_app
+from todo_api.auth import EXTENSION, Authenticator, TokenCache
+from todo_api.config import ConfigError, load_config
+from todo_api.jwks import USER_AGENT, JWKSCache, JWKSUnavailable, parse_jwks, pinned_algorithm
+
+from .conftest import SECRET, bearer, make_config, make_token
+
+INVALID = {"detail": "Invalid authentication token"}
+EXPIRED = {"detail": "Authentication token expired"}
+UNAVAILABLE = {"detail": "Authentication service unavailable"}
+ALGORITHMS = ["EdDSA", "ES256", "ES512", "RS256", "PS256"]
+
+
+# --- keys, tokens, a JWKS endpoint, a clock ---------------------------------------------------------------------
+
+
+@dataclass
+class Key:
+    alg: str
+    kid: str
+    private: Any
+    jwk: dict[str, Any]  # the public key as Better Auth publishes it: kid, alg, kty (+crv), no `use`
+
+
+def new_private_key(alg: str) -> Any:
+    if alg == "EdDSA":
+        return ed25519.Ed25519PrivateKey.generate()
+    if alg in ("ES256", "ES384", "ES512"):
+        curve = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1, "ES512": ec.SECP521R1}[alg]()
+        return ec.generate_private_key(curve)
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def new_key(alg: str, kid: str | None = None) -> Key:
+    private = new_private_key(alg)
+    jwk = json.loads(get_default_algorithms()[alg].to_jwk(private.public_key()))
+    kid = kid or f"{alg.lower()}-{uuid.uuid4().hex[:8]}"
+    return Key(alg, kid, private, {**jwk, "kid": kid, "alg": alg})
+
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, Key]:
+    """One key per supported algorithm, plus an ES384 key (an algorithm we do not enable)."""
+    return {alg: new_key(alg) for alg in [*ALGORITHMS, "ES384"]}
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def b64json(data: dict[str, Any]) -> str:
+    return b64url(json.dumps(data).encode())
+
+
+def hmac_token(claims: dict[str, Any], secret: bytes, kid: str) -> str:
+    """HS256 by hand: PyJWT rightly refuses to HMAC with a PEM public key."""
+    signing_input = f"{b64json({'alg': 'HS256', 'typ': 'JWT', 'kid': kid})}.{b64json(claims)}"
+    return f"{signing_input}.{b64url(hmac.new(secret, signing_input.encode(), hashlib.sha256).digest())}"
+
+
+class Tokens:
+    """Better Auth-like tokens: iss = aud = the origin, 15 minutes, a unique jti so no two are equal."""
+
+    def __init__(self, origin: str, keys: dict[str, Key]) -> None:
+        self.origin, self.keys = origin, keys
+
+    def claims(self, sub: Any = "alice", **overrides: Any) -> dict[str, Any]:
+        now = int(time.time())
+        claims = {"sub": sub, "iat": now, "exp": now + 900, "iss": self.origin, "aud": self.origin,
+                  "jti": uuid.uuid4().hex, "email": f"{sub}@example.com", "name": str(sub).title()}
+        claims.update(overrides)
+        return {name: value for name, value in claims.items() if value is not None}
+
+    def sign(self, alg: str = "EdDSA", sub: Any = "alice", *, key: Key | None = None, kid: str | None = "",
+             **claims: Any) -> str:
+        key = key or self.keys[alg]
+        headers = {"kid": key.kid if kid == "" else kid}
+        return jwt.encode(self.claims(sub, **claims), key.private, algorithm=alg,
+                          headers={name: value for name, value in headers.items() if value is not None})
+
+
+class JWKSServer:
+    """A JWKS endpoint on 127.0.0.1 that counts its fetches and can fail on demand.
+
+    mode: "ok"; "error" (HTTP 503); "garbage" (200, not JSON); "hang" (no answer until teardown).
+    stop()/start() close and reopen the port, for connection refused.
+    """
+
+    def __init__(self, jwks: list[dict[str, Any]]) -> None:
+        self.keys = list(jwks)
+        self.mode = "ok"
+        self.requests: list[tuple[str, str | None]] = []  # (path, User-Agent)
+        self.unblock = threading.Event()
+        self.port = 0
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.start()
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def fetches(self) -> int:
+        return len(self.requests)
+
+    def start(self) -> None:
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                endpoint.requests.append((self.path, self.headers.get("User-Agent")))
+                if endpoint.mode == "hang":
+                    endpoint.unblock.wait(10)
+                status, body = {
+                    "error": (503, b'{"error": "down"}'),
+                    "garbage": (200, b"<html>maintenance</html>"),
+                }.get(endpoint.mode, (200, json.dumps({"keys": endpoint.keys}).encode()))
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except OSError:  # the client gave up (timeout test)
+                    pass
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self.unblock.set()
+            self._server.shutdown()
+            self._server.server_close()
+            assert self._thread is not None
+            self._thread.join(5)
+            self._server = None
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def unusable_keys() -> list[dict[str, Any]]:
+    """Published next to the real keys and never used: a shared secret, an encryption key, a kid-less key."""
+    return [
+        {"kty": "oct", "kid": "shared", "k": b64url(b"published-secret-" * 4), "alg": "HS256"},
+        {**new_key("EdDSA").jwk, "kid": "for-encryption", "use": "enc"},
+        {k: v for k, v in new_key("EdDSA").jwk.items() if k != "kid"},
+    ]
+
+
+@pytest.fixture
+def server(keys: dict[str, Key], unusable_keys: list[dict[str, Any]]) -> Iterator[JWKSServer]:
+    endpoint = JWKSServer([key.jwk for key in keys.values()] + unusable_keys)
+    yield endpoint
+    endpoint.stop()
+
+
+@pytest.fixture
+def tokens(server: JWKSServer, keys: dict[str, Key]) -> Tokens:
+    return Tokens(server.origin, keys)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def make_app(sqlite_url: str, server: JWKSServer, clock: Clock) -> Iterator[Callable[..., Flask]]:
+    """make_app(**config) -> an app with BETTER_AUTH_URL = the local endpoint, the shared secret, the fake clock."""
+    apps: list[Flask] = []
+
+    def build(**overrides: Any) -> Flask:
+        app = create_app(make_config(sqlite_url, BETTER_AUTH_URL=server.origin, **overrides))
+        jwks = app.extensions[EXTENSION].jwks
+        if jwks is not None:
+            jwks.clock = clock
+        apps.append(app)
+        return app
+
+    yield build
+    for app in apps:
+        app.extensions["db"].engine.dispose()
+
+
+@pytest.fixture
+def client(make_app: Callable[..., Flask]) -> Any:
+    """Both ways on: the shared secret and the JWKS."""
+    return make_app().test_client()
+
+
+@pytest.fixture
+def jwks_only_client(make_app: Callable[..., Flask]) -> Any:
+    """Only the JWKS way (production allows no secret when BETTER_AUTH_URL is set)."""
+    app = make_app(APP_ENV="production", BETTER_AUTH_SECRET=None)
+    assert app.extensions[EXTENSION].secret is None
+    return app.test_client()
+
+
+def me(client: Any, token: str) -> Any:
+    return client.get("/api/me", headers=bearer(token))
+
+
+def assert_invalid(response: Any, body: dict[str, str] = INVALID) -> None:
+    assert response.status_code == 401, response.json
+    assert response.json == body
+    assert response.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
+
+
+# --- accepted tokens ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alg", ALGORITHMS)
+def test_every_better_auth_algorithm_is_accepted(client, tokens, server, alg):
+    response = me(client, tokens.sign(alg, "user-1"))
+    assert response.status_code == 200, response.json
+    assert response.json == {"user_id": "user-1", "email": "user-1@example.com", "name": "User-1"}
+    assert server.fetches == 1
+
+
+def test_the_path_user_must_be_the_token_sub(client, tokens):
+    token = tokens.sign("EdDSA", "user-1", emailVerified=False, id="user-1")
+    assert client.get("/api/user-2/tasks", headers=bearer(token)).status_code == 403
+
+
+def test_jwks_is_read_from_better_auth_url_by_default(client, tokens, server):
+    assert me(client, tokens.sign()).status_code == 200
+    assert server.requests == [("/api/auth/jwks", USER_AGENT)]
+    assert USER_AGENT.startswith("todo-api/")
+
+
+def test_better_auth_jwks_url_overrides_the_location(make_app, tokens, server):
+    client = make_app(BETTER_AUTH_JWKS_URL=f"{server.origin}/.well-known/jwks.json").test_client()
+    assert me(client, tokens.sign()).status_code == 200
+    assert [path for path, _ in server.requests] == ["/.well-known/jwks.json"]
+
+
+def test_hs256_and_jwks_work_at_once(client, tokens):
+    assert me(client, make_token("bob")).json["user_id"] == "bob"
+    assert me(client, tokens.sign("EdDSA", "alice")).json["user_id"] == "alice"
+    # HS256 keeps its rule: iss/aud unchecked unless JWT_ISSUER/JWT_AUDIENCE are set.
+    assert me(client, make_token("bob", iss="https://other.example", aud="x")).status_code == 200
+
+
+def test_expired_is_401_expired_and_leeway_is_honoured(client, tokens):
+    now = int(time.time())
+    assert_invalid(me(client, tokens.sign(exp=now - 120)), EXPIRED)
+    assert me(client, tokens.sign(exp=now - 10)).status_code == 200
+
+
+def test_jwt_issuer_and_audience_override_the_origin(make_app, tokens):
+    client = make_app(JWT_ISSUER=["https://auth.example.com"], JWT_AUDIENCE=["todo-api", "other"]).test_client()
+    assert me(client, tokens.sign(iss="https://auth.example.com", aud="todo-api")).status_code == 200
+    assert me(client, tokens.sign(iss="https://auth.example.com", aud=["x", "other"])).status_code == 200
+    assert_invalid(me(client, tokens.sign()))  # iss/aud = the origin, no longer accepted
+    assert_invalid(me(client, tokens.sign(aud="todo-api")))
+
+
+# --- rejected tokens ----------------------------------------------------------------------------------------------
+
+
+def _pem(key: Key) -> bytes:
+    public = key.private.public_key()
+    return public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _tampered(token: str) -> str:
+    head, payload, signature = token.split(".")
+    return f"{head}.{payload}.{signature[:-6]}{'A' * 6 if signature[-6:] != 'A' * 6 else 'B' * 6}"
+
+
+def _swapped_payload(t: Tokens) -> str:
+    head, _, signature = t.sign("EdDSA", "alice").split(".")
+    return f"{head}.{b64json(t.claims('bob'))}.{signature}"
+
+
+def _unsigned(t: Tokens, alg: str) -> str:
+    return f"{b64json({'alg': alg, 'kid': t.keys['EdDSA'].kid})}.{b64json(t.claims())}."
+
+
+NOW = int(time.time())
+REJECTED: dict[str, Callable[[Tokens], str]] = {
+    "wrong-iss": lambda t: t.sign(iss="https://evil.example"),
+    "wrong-aud": lambda t: t.sign(aud="https://evil.example"),
+    "aud-list-without-origin": lambda t: t.sign(aud=["a", "b"]),
+    "no-iss": lambda t: t.sign(iss=None),
+    "no-aud": lambda t: t.sign(aud=None),
+    "nbf-future": lambda t: t.sign(nbf=NOW + 600),
+    "iat-future": lambda t: t.sign(iat=NOW + 600),
+    "no-sub": lambda t: t.sign(sub=None),
+    "no-exp": lambda t: t.sign(exp=None),
+    "non-string-sub": lambda t: t.sign(sub=42),
+    "tampered-signature": lambda t: _tampered(t.sign("EdDSA")),
+    "tampered-rsa-signature": lambda t: _tampered(t.sign("RS256")),
+    "swapped-payload": _swapped_payload,
+    "unknown-kid": lambda t: t.sign(kid="no-such-kid"),
+    "no-kid": lambda t: t.sign(kid=None),
+    "unpublished-key-with-published-kid": lambda t: t.sign("RS256", key=new_key("RS256", t.keys["RS256"].kid)),
+    "alg-none": lambda t: _unsigned(t, "none"),
+    "alg-None": lambda t: _unsigned(t, "None"),
+    "alg-empty": lambda t: _unsigned(t, ""),
+    "es256-header-on-rsa-kid": lambda t: t.sign("ES256", kid=t.keys["RS256"].kid),
+    "eddsa-header-on-p256-kid": lambda t: t.sign("EdDSA", kid=t.keys["ES256"].kid),
+    "es512-header-on-p256-kid": lambda t: t.sign("ES512", kid=t.keys["ES256"].kid),
+    "rs256-with-the-ps256-key": lambda t: t.sign("RS256", key=t.keys["PS256"]),
+    "ps256-with-the-rs256-key": lambda t: t.sign("PS256", key=t.keys["RS256"]),
+    "es384-not-enabled": lambda t: t.sign("ES384"),
+    "hs512-with-the-secret": lambda t: jwt.encode(t.claims(), SECRET, algorithm="HS512",
+                                                  headers={"kid": t.keys["EdDSA"].kid}),
+    "hs256-with-ed25519-pem": lambda t: hmac_token(t.claims(), _pem(t.keys["EdDSA"]), t.keys["EdDSA"].kid),
+    "hs256-with-rsa-pem": lambda t: hmac_token(t.claims(), _pem(t.keys["RS256"]), t.keys["RS256"].kid),
+    "hs256-with-raw-ed25519-bytes": lambda t: hmac_token(
+        t.claims(), base64.urlsafe_b64decode(t.keys["EdDSA"].jwk["x"] + "="), t.keys["EdDSA"].kid),
+    "hs256-with-jwk-json": lambda t: hmac_token(
+        t.claims(), json.dumps(t.keys["EdDSA"].jwk).encode(), t.keys["EdDSA"].kid),
+    "hs256-with-published-oct-key": lambda t: hmac_token(t.claims(), b"published-secret-" * 4, "shared"),
+    "garbage": lambda t: "not.a.jwt",
+    "list-kid": lambda t: f"{b64json({'alg': 'EdDSA', 'kid': ['x']})}.{b64json(t.claims())}.c2ln",
+}
+
+
+@pytest.mark.parametrize("secret", ["jwks+hs256", "jwks-only"])
+@pytest.mark.parametrize("name", list(REJECTED))
+def test_rejected_tokens_are_401_invalid(request, tokens, server, secret, name):
+    client = request.getfixturevalue("client" if secret == "jwks+hs256" else "jwks_only_client")
+    assert_invalid(me(client, REJECTED[name](tokens)))
+    assert server.fetches <= 1
+
+
+def test_tokens_that_cannot_be_jwks_tokens_cost_no_fetch(client, tokens, server):
+    for name in ("alg-none", "no-kid", "es384-not-enabled", "hs256-with-ed25519-pem", "garbage"):
+        assert_invalid(me(client, REJECTED[name](tokens)))
+    assert server.fetches == 0
+
+
+# --- start-up, refresh limit, rotation --------------------------------------------------------------------------
+
+
+def test_start_up_does_not_fetch_nor_need_the_auth_server(make_app, server, tokens):
+    make_app()
+    assert server.fetches == 0
+    server.stop()
+    client = make_app().test_client()  # auth server down: start-up still works
+    assert me(client, make_token("bob")).status_code == 200  # and so does HS256
+
+
+def test_unknown_kids_refresh_at_most_once_per_30_seconds(client, tokens, server, clock):
+    for _ in range(20):
+        assert_invalid(me(client, tokens.sign(kid=uuid.uuid4().hex)))
+    assert server.fetches == 1  # the first, lazy fetch
+    clock.advance(29.9)
+    assert_invalid(me(client, tokens.sign(kid=uuid.uuid4().hex)))
+    assert server.fetches == 1
+    clock.advance(0.1)
+    for _ in range(20):
+        assert_invalid(me(client, tokens.sign(kid=uuid.uuid4().hex)))
+    assert server.fetches == 2
+    assert me(client, tokens.sign()).status_code == 200  # known kids never wait for the limit
+    assert server.fetches == 2
+
+
+def test_concurrent_unknown_kids_share_one_fetch(server, clock):
+    cache = JWKSCache(f"{server.origin}/api/auth/jwks", clock=clock)
+    start, results = threading.Barrier(16), []
+
+    def lookup() -> None:
+        start.wait()
+        results.append(cache.get(uuid.uuid4().hex))
+
+    threads = [threading.Thread(target=lookup) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [None] * 16
+    assert server.fetches == 1
+
+
+def test_rotation_old_and_new_keys_both_verify(client, tokens, server, clock):
+    old = tokens.keys["EdDSA"]
+    server.keys = [old.jwk]
+    assert me(client, tokens.sign()).status_code == 200
+    new = new_key("EdDSA")
+    server.keys = [new.jwk, old.jwk]  # Better Auth keeps the old key during its grace period
+    clock.advance(5)
+    assert_invalid(me(client, tokens.sign(key=new)))  # within 30 s of the last fetch: not fetched again
+    clock.advance(25)
+    assert me(client, tokens.sign(key=new)).status_code == 200
+    assert me(client, tokens.sign(key=old)).status_code == 200
+    assert server.fetches == 2
+
+
+def test_a_routine_refresh_just_before_a_rotation_does_not_delay_the_new_key(client, tokens, server, clock):
+    old = tokens.keys["EdDSA"]
+    assert me(client, tokens.sign(key=old)).status_code == 200
+    clock.advance(300)
+    assert me(client, tokens.sign(key=old)).status_code == 200  # keys are old: re-fetched
+    new = new_key("EdDSA")
+    server.keys = [new.jwk, old.jwk]
+    clock.advance(1)
+    assert me(client, tokens.sign(key=new)).status_code == 200
+    assert server.fetches == 3
+
+
+def test_a_key_removed_from_the_jwks_stops_working_after_max_age_except_cached_tokens(client, tokens, server, clock):
+    old, new = tokens.keys["EdDSA"], tokens.keys["ES256"]
+    cached_token = tokens.sign(key=old)
+    assert me(client, cached_token).status_code == 200
+    server.keys = [new.jwk]  # grace period over: the old key is gone
+    clock.advance(299)
+    assert me(client, tokens.sign(key=old)).status_code == 200  # keys are re-checked after 300 s only
+    clock.advance(1)
+    assert_invalid(me(client, tokens.sign(key=old)))
+    assert me(client, tokens.sign("ES256", key=new)).status_code == 200
+    # The documented staleness: an already verified token stays valid until its exp.
+    assert me(client, cached_token).status_code == 200
+
+
+# --- outages ------------------------------------------------------------------------------------------------------
+
+
+def _take_down(server: JWKSServer, how: str) -> None:
+    if how == "refused":
+        server.stop()
+    else:
+        server.mode = how
+
+
+@pytest.mark.parametrize("how", ["refused", "error", "garbage"])
+def test_outage_keeps_cached_keys_and_answers_503_for_uncached_ones(client, tokens, server, clock, how):
+    assert me(client, tokens.sign()).status_code == 200
+    _take_down(server, how)
+    clock.advance(400)  # keys are stale: a refresh is attempted, fails, and the cached keys stay
+    assert me(client, tokens.sign()).status_code == 200
+    assert me(client, tokens.sign()).status_code == 200
+    clock.advance(30)
+    response = me(client, tokens.sign(key=new_key("EdDSA")))
+    assert response.status_code == 503
+    assert response.json == UNAVAILABLE
+    assert response.headers["Retry-After"] == "30"
+    clock.advance(12)
+    response = client.get("/api/alice/tasks", headers=bearer(tokens.sign(key=new_key("EdDSA"))))
+    assert (response.status_code, response.json, response.headers["Retry-After"]) == (503, UNAVAILABLE, "18")
+    assert me(client, tokens.sign()).status_code == 200
+
+
+def test_auth_server_down_at_first_request_then_back(client, tokens, server, clock):
+    server.stop()
+    response = me(client, tokens.sign())
+    assert (response.status_code, response.json, response.headers["Retry-After"]) == (503, UNAVAILABLE, "30")
+    assert me(client, make_token("bob")).status_code == 200  # HS256 does not depend on the auth server
+    server.start()
+    clock.advance(10)
+    assert me(client, tokens.sign()).status_code == 503  # no new attempt within 30 s
+    clock.advance(20)
+    assert me(client, tokens.sign()).status_code == 200
+    assert server.fetches == 1
+
+
+def test_a_hanging_auth_server_costs_at_most_the_timeout(server, clock):
+    server.mode = "hang"
+    cache = JWKSCache(f"{server.origin}/api/auth/jwks", clock=clock, timeout=0.2)
+    started = time.monotonic()
+    with pytest.raises(JWKSUnavailable) as raised:
+        cache.get("any")
+    assert time.monotonic() - started < 2
+    assert raised.value.retry_after == 30
+
+
+# --- key handling units -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("jwk", "expected"),
+    [
+        ({"kty": "OKP", "crv": "Ed25519"}, "EdDSA"),
+        ({"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA"}, "EdDSA"),
+        ({"kty": "OKP", "crv": "Ed448", "alg": "EdDSA"}, None),
+        ({"kty": "EC", "crv": "P-256", "alg": "ES256"}, "ES256"),
+        ({"kty": "EC", "crv": "P-256", "alg": "ES512"}, None),
+        ({"kty": "EC", "crv": "P-384", "alg": "ES384"}, None),
+        ({"kty": "EC", "crv": "P-521"}, "ES512"),
+        ({"kty": "RSA"}, "RS256"),
+        ({"kty": "RSA", "alg": "PS256"}, "PS256"),
+        ({"kty": "RSA", "alg": "RS512"}, None),
+        ({"kty": "RSA", "alg": "HS256"}, None),
+        ({"kty": "oct", "alg": "HS256"}, None),
+    ],
+)
+def test_the_algorithm_is_pinned_by_the_key_type(jwk, expected):
+    assert pinned_algorithm(jwk) == expected
+
+
+def test_parse_jwks_keeps_only_usable_signing_keys(keys, unusable_keys):
+    parsed = parse_jwks({"keys": [key.jwk for key in keys.values()] + unusable_keys + ["junk", {"kty": "RSA"}]})
+    assert {kid: key.algorithm_name for kid, key in parsed.items()} == {
+        keys[alg].kid: alg for alg in ALGORITHMS}
+    with pytest.raises(ValueError):
+        parse_jwks({"keys": "nope"})
+
+
+def test_authenticator_defaults():
+    config = make_config("sqlite://", BETTER_AUTH_URL="https://auth.example.com/")
+    authenticator = Authenticator(config)
+    assert authenticator.jwks is not None
+    assert authenticator.jwks.url == "https://auth.example.com/api/auth/jwks"
+    assert authenticator.jwks_issuers == authenticator.jwks_audiences == ["https://auth.example.com"]
+    assert authenticator.hs256_issuers is authenticator.hs256_audiences is None
+    assert Authenticator(make_config("sqlite://")).jwks is None
+
+
+@pytest.mark.parametrize("name", ["BETTER_AUTH_URL", "BETTER_AUTH_JWKS_URL"])
+@pytest.mark.parametrize("value", ["auth.example.com", "file:///etc/passwd", "ftp://auth.example.com"])
+def test_auth_server_urls_must_be_http(tmp_path, name, value):
+    with pytest.raises(ConfigError, match=name):
+        load_config(tmp_path, {name: value})
+
+
+def test_jwks_url_defaults_to_better_auth_url_and_can_be_overridden(tmp_path):
+    config = load_config(tmp_path, {"BETTER_AUTH_URL": "https://app.example.com/"})
+    assert config["BETTER_AUTH_URL"] == "https://app.example.com"
+    assert Authenticator(config).jwks.url == "https://app.example.com/api/auth/jwks"
+    config = load_config(tmp_path, {"BETTER_AUTH_URL": "https://app.example.com",
+                                    "BETTER_AUTH_JWKS_URL": "https://cdn.example.com/jwks.json"})
+    assert Authenticator(config).jwks.url == "https://cdn.example.com/jwks.json"
+
+
+# --- verified-token cache -----------------------------------------------------------------------------------------
+
+
+def test_token_cache_hits_until_exp_never_beyond():
+    now = [1000.0]
+    cache = TokenCache(clock=lambda: now[0])
+    cache.put("t", {"sub": "a", "exp": 1100})
+    hit = cache.get("t")
+    assert hit == {"sub": "a", "exp": 1100}
+    hit["sub"] = "changed"
+    assert cache.get("t") == {"sub": "a", "exp": 1100}
+    now[0] = 1099.9
+    assert cache.get("t") is not None
+    now[0] = 1100
+    assert cache.get("t") is None and len(cache) == 0
+    cache.put("late", {"sub": "a", "exp": 1050})  # accepted within the leeway: not cached
+    assert cache.get("late") is None
+
+
+def test_token_cache_is_bounded_least_recently_used_first():
+    cache = TokenCache(max_size=3, clock=lambda: 0.0)
+    for name in "abc":
+        cache.put(name, {"sub": name, "exp": 10})
+    cache.get("a")
+    cache.put("d", {"sub": "d", "exp": 10})
+    assert len(cache) == 3
+    assert cache.get("b") is None
+    assert [cache.get(name) is not None for name in "acd"] == [True, True, True]
+
+
+def test_a_repeated_token_is_verified_once(client, tokens, monkeypatch):
+    calls = []
+    original = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for token in (tokens.sign(), make_token("bob")):
+        for _ in range(3):
+            assert me(client, token).status_code == 200
+    assert len(calls) == 2
+    assert_invalid(me(client, _tampered(tokens.sign())))  # only verified tokens are cached
