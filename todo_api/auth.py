@@ -190,6 +190,8 @@ def require_path_user() -> None:
 
 @blp.route("")
 class Me(MethodView):
+    @blp.alt_response(401, response="UNAUTHORIZED")
+    @blp.alt_response(503, response="SERVICE_UNAVAILABLE")
     @blp.response(200, MeSchema)
     def get(self) -> dict[str, Any]:
         """The signed-in user's id, email and name, from the token."""

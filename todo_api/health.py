@@ -16,6 +16,7 @@ blp = Blueprint("health", __name__, url_prefix="/health", description="Probes fo
 
 @blp.route("")
 class Live(MethodView):
+    @blp.doc(security=[])
     @blp.response(200, HealthSchema)
     def get(self) -> dict[str, str]:
         """The process is up (no database access)."""
@@ -24,7 +25,9 @@ class Live(MethodView):
 
 @blp.route("/ready")
 class Ready(MethodView):
+    @blp.alt_response(503, response="SERVICE_UNAVAILABLE")
     @blp.response(200, HealthSchema)
+    @blp.doc(security=[])
     def get(self) -> dict[str, str]:
         """The database answers."""
         try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
 import flask_smorest
@@ -28,6 +30,10 @@ from .schemas import (
 )
 
 TASK_NOT_FOUND = "Task not found"
+OPTIONAL_IF_MATCH = {
+    "name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"},
+    "description": "ETag from a previous response: 412 if the task changed since.",
+}
 
 
 class Blueprint(flask_smorest.Blueprint):
@@ -43,6 +49,23 @@ class Blueprint(flask_smorest.Blueprint):
             super().check_etag(etag_data, etag_schema)
         else:
             _get_etag_ctx()["etag_checked"] = True
+
+    def _prepare_etag_doc(self, doc: dict[str, Any], doc_info: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        doc = super()._prepare_etag_doc(doc, doc_info, **kwargs)
+        doc.get("responses", {}).pop(428, None)
+        if "parameters" in doc:
+            doc["parameters"] = [OPTIONAL_IF_MATCH if p == "IF_MATCH" else p for p in doc["parameters"]]
+        return doc
+
+    def errors(self, *statuses: int) -> Callable[[Any], Any]:
+        """Document error responses with the envelope (flask-smorest registers one component per status)."""
+
+        def decorator(func: Any) -> Any:
+            for status in statuses:
+                func = self.alt_response(status, response=HTTPStatus(status).name)(func)
+            return func
+
+        return decorator
 
     def _check_not_modified(self, etag: str) -> None:
         # A 304 carries the ETag it validated.
@@ -60,8 +83,9 @@ blp.before_request(require_path_user)
 
 @blp.route("")
 class Tasks(MethodView):
+    @blp.errors(401, 403, 503)
     @blp.arguments(TaskListQuerySchema, location="query")
-    @blp.response(200, TaskSchema(many=True))
+    @blp.response(200, TaskSchema(many=True), headers={"X-Total-Count": {"schema": {"type": "integer"}}})
     @blp.paginate(page_size=100, max_page_size=1000)
     def get(self, params: dict[str, Any], user_id: str, pagination_parameters: PaginationParameters) -> Any:
         """List the user's tasks: filters, sorting and paging."""
@@ -72,6 +96,7 @@ class Tasks(MethodView):
         pagination_parameters.item_count = total
         return tasks, {"X-Total-Count": str(total)}
 
+    @blp.errors(400, 401, 403, 413, 415, 503)
     @blp.arguments(TaskCreateSchema)
     @blp.response(201, TaskSchema, headers={"Location": {"schema": {"type": "string"}}})
     def post(self, data: dict[str, Any], user_id: str) -> Any:
@@ -84,6 +109,7 @@ class Tasks(MethodView):
 
 @blp.route("/summary")
 class TaskSummary(MethodView):
+    @blp.errors(401, 403, 503)
     @blp.response(200, SummarySchema)
     def get(self, user_id: str) -> dict[str, Any]:
         """Counts by status and priority, and overdue tasks, for dashboards."""
@@ -93,12 +119,14 @@ class TaskSummary(MethodView):
 @blp.route("/<uuid:task_id>")
 class TaskById(MethodView):
     @blp.etag
+    @blp.errors(401, 403, 404, 503)
     @blp.response(200, TaskSchema)
     def get(self, user_id: str, task_id: uuid.UUID) -> Any:
         """Get one task (ETag; If-None-Match gives 304)."""
         return _find(user_id, task_id)
 
     @blp.etag
+    @blp.errors(400, 401, 403, 404, 413, 415, 503)
     @blp.arguments(TaskWriteSchema)
     @blp.response(200, TaskSchema)
     def put(self, changes: dict[str, Any], user_id: str, task_id: uuid.UUID) -> Any:
@@ -106,6 +134,7 @@ class TaskById(MethodView):
         return _update(user_id, task_id, changes)
 
     @blp.etag
+    @blp.errors(400, 401, 403, 404, 413, 415, 503)
     @blp.arguments(TaskWriteSchema)
     @blp.response(200, TaskSchema)
     def patch(self, changes: dict[str, Any], user_id: str, task_id: uuid.UUID) -> Any:
@@ -113,6 +142,7 @@ class TaskById(MethodView):
         return _update(user_id, task_id, changes)
 
     @blp.etag
+    @blp.errors(401, 403, 404, 503)
     @blp.response(204)
     def delete(self, user_id: str, task_id: uuid.UUID) -> Response:
         """Delete a task (If-Match honoured)."""
@@ -125,6 +155,7 @@ class TaskById(MethodView):
 @blp.route("/<uuid:task_id>/complete")
 class TaskCompletion(MethodView):
     @blp.etag
+    @blp.errors(400, 401, 403, 404, 413, 415, 503)
     @blp.arguments(CompletionSchema, required=False)
     @blp.response(200, TaskSchema)
     def patch(self, body: dict[str, Any], user_id: str, task_id: uuid.UUID) -> Any:
