@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import select
 from typing import Any
 
 from flask import Flask, current_app, g
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 
 def make_engine(url: str, config: dict[str, Any]) -> Engine:
-    """A pooled engine that survives dropped connections (Neon suspends idle computes)."""
+    """A pooled engine that survives connections the server dropped (Neon suspends idle computes)."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 5, "check_same_thread": False})
         _fix_sqlite_transactions(engine)
@@ -23,9 +25,9 @@ def make_engine(url: str, config: dict[str, Any]) -> Engine:
         max_overflow=config.get("DB_MAX_OVERFLOW", 5),
         pool_timeout=config.get("DB_POOL_TIMEOUT", 5),
         pool_recycle=config.get("DB_POOL_RECYCLE", 240),
-        pool_pre_ping=True,
         connect_args={"connect_timeout": config.get("DB_CONNECT_TIMEOUT", 5)},
     )
+    event.listen(engine, "checkout", discard_if_closed_by_server)
 
     # A SET rather than the `options` startup parameter, which Neon's pooler does not pass through.
     @event.listens_for(engine, "connect")
@@ -36,6 +38,21 @@ def make_engine(url: str, config: dict[str, Any]) -> Engine:
         dbapi_connection.commit()
 
     return engine
+
+
+def discard_if_closed_by_server(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """Pessimistic disconnect handling without pool_pre_ping's round trip.
+
+    An idle connection has nothing to read. If its socket is readable, the server has closed it or sent a
+    termination notice (restart, pg_terminate_backend, Neon suspending the compute): the pool then discards it
+    and checks out another, so the request never sees the dead connection.
+    """
+    if dbapi_connection.closed:
+        raise DisconnectionError("connection already closed")
+    poller = select.poll()
+    poller.register(dbapi_connection.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+    if poller.poll(0):
+        raise DisconnectionError("server closed the connection")
 
 
 def _fix_sqlite_transactions(engine: Engine) -> None:
