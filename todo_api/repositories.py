@@ -1,4 +1,7 @@
-"""Data access for tasks. Every function takes the user's id and filters on it; none commits."""
+"""Data access for tasks. Every lookup takes the user's id and filters on it; writes act on what a lookup returned.
+
+Nothing here commits: the view commits once per request.
+"""
 
 from __future__ import annotations
 
