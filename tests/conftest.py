@@ -47,7 +47,9 @@ def postgres_url() -> Iterator[str]:
     else:
         from throwaway_postgres import start_embedded_postgres
 
-        url, stop = start_embedded_postgres(Path(tempfile.mkdtemp(prefix="todo-api-pg-")) / "data")
+        parent = Path(tempfile.mkdtemp(prefix="todo-api-pg-"))
+        parent.chmod(0o711)  # as root, the server runs as another user, which must reach its data dir
+        url, stop = start_embedded_postgres(parent / "data")
         try:
             yield url
         finally:
