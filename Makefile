@@ -9,7 +9,7 @@ PORT ?= 8000
 USER_ID ?= dev-user
 COUNT ?= 100
 
-.PHONY: help venv run test lint migrate seed token clean
+.PHONY: help venv run test lint migrate seed token clean bench
 
 help:
 	@echo "make run | test | lint | migrate | seed [USER_ID= COUNT=] | token [USER_ID=] | clean"
@@ -43,6 +43,11 @@ seed: venv migrate
 
 token: venv
 	@$(FLASK) token --user $(USER_ID)
+
+# Load benchmark over HTTP with wrk (bench/README.md), e.g. make bench BENCH_ARGS="--quick --compare-seed-stack"
+bench: venv
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache .ruff_cache
