@@ -10,6 +10,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -101,21 +102,41 @@ def session_app(database_url: str) -> Iterator[Flask]:
     app.extensions["db"].engine.dispose()
 
 
-@pytest.fixture
-def app(session_app: Flask) -> Iterator[Flask]:
-    """The app with every request session joined to one outer transaction, rolled back at teardown."""
-    db = session_app.extensions["db"]
-    original = db.sessionmaker
+@contextmanager
+def rolled_back(app: Flask) -> Iterator[Flask]:
+    """Every request session, read or write, joins one outer transaction that is rolled back at the end."""
+    db = app.extensions["db"]
+    original = db.sessionmaker, db.read_sessionmaker
     with db.engine.connect() as connection:
         transaction = connection.begin()
         db.sessionmaker = sessionmaker(
             bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
         )
+        db.read_sessionmaker = None
         try:
-            yield session_app
+            yield app
         finally:
-            db.sessionmaker = original
+            db.sessionmaker, db.read_sessionmaker = original
             transaction.rollback()
+
+
+@pytest.fixture
+def app(session_app: Flask) -> Iterator[Flask]:
+    """The session app, isolated: what a test writes is rolled back at teardown."""
+    with rolled_back(session_app):
+        yield session_app
+
+
+@contextmanager
+def no_database(app: Flask) -> Iterator[None]:
+    """Any attempt to open a session fails while this is active."""
+    db = app.extensions["db"]
+    original = db.sessionmaker, db.read_sessionmaker
+    db.sessionmaker = db.read_sessionmaker = None
+    try:
+        yield
+    finally:
+        db.sessionmaker, db.read_sessionmaker = original
 
 
 @pytest.fixture

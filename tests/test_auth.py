@@ -11,7 +11,7 @@ import pytest
 
 from todo_api import create_app
 
-from .conftest import SECRET, bearer, make_config, make_token
+from .conftest import SECRET, bearer, make_config, make_token, no_database
 
 
 def _b64(data: dict) -> str:
@@ -114,12 +114,8 @@ def test_iss_and_aud_are_checked_when_configured(strict_client, claims, status):
 
 def test_path_user_mismatch_is_403_before_any_database_access(client, auth, app):
     # A broken session factory proves no query is attempted.
-    db = app.extensions["db"]
-    original, db.sessionmaker = db.sessionmaker, None
-    try:
+    with no_database(app):
         response = client.get("/api/bob/tasks", headers=auth("alice"))
-    finally:
-        db.sessionmaker = original
     assert response.status_code == 403
 
 

@@ -14,12 +14,11 @@ import jwt
 import pytest
 from flask import Flask
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import sessionmaker
 
 from todo_api import create_app
 
 from .better_auth_server import SUPPORTED_ALGS, ensure_installed, node_available, running_better_auth
-from .conftest import bearer, make_config
+from .conftest import bearer, make_config, rolled_back
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)]
 
@@ -34,20 +33,13 @@ def better_auth_installed() -> None:
 
 
 @contextlib.contextmanager
-def rolled_back(app: Flask) -> Iterator[None]:
-    """Every request joins one transaction that is rolled back at the end, like conftest's `app` fixture."""
-    db = app.extensions["db"]
+def isolated(app: Flask) -> Iterator[None]:
+    """Requests join a transaction rolled back at the end (conftest's `rolled_back`), then the pool closes."""
     try:
-        with db.engine.connect() as connection:
-            transaction = connection.begin()
-            db.sessionmaker = sessionmaker(bind=connection, join_transaction_mode="create_savepoint",
-                                           expire_on_commit=False)
-            try:
-                yield
-            finally:
-                transaction.rollback()
+        with rolled_back(app):
+            yield
     finally:
-        db.engine.dispose()
+        app.extensions["db"].engine.dispose()
 
 
 @pytest.mark.parametrize("alg", SUPPORTED_ALGS)
@@ -60,7 +52,7 @@ def test_a_real_better_auth_token_works_on_the_api(better_auth_installed, postgr
         assert jwt.decode(token, options={"verify_signature": False})["sub"] == user["id"]
 
         app = create_app(make_config(database_url, BETTER_AUTH_URL=better_auth.url))
-        with rolled_back(app):
+        with isolated(app):
             client = app.test_client()
             user_id, headers = user["id"], bearer(token)
             assert client.get("/api/me", headers=headers).json == {

@@ -6,7 +6,7 @@ import time
 import uuid
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 
 from todo_api import create_app
 
@@ -36,3 +36,30 @@ def test_requests_succeed_after_the_server_terminates_pooled_connections(databas
     finally:
         app.extensions["db"].engine.dispose()
         admin.dispose()
+
+
+def test_reads_run_in_autocommit_and_writes_in_a_transaction(database_url):
+    """GETs skip BEGIN/ROLLBACK round trips on PostgreSQL; a write's statements share one transaction."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only")
+    app = create_app(make_config(database_url))
+    user_id = f"reader-{uuid.uuid4().hex[:8]}"
+    client, headers = app.test_client(), bearer(make_token(user_id))
+    seen: list[tuple[str, bool]] = []
+
+    def record(conn, _cursor, statement, _params, _context, _many):
+        seen.append((statement.split()[0].upper(), conn.connection.dbapi_connection.autocommit))
+
+    event.listen(app.extensions["db"].engine, "before_cursor_execute", record)
+    try:
+        created = client.post(f"/api/{user_id}/tasks", json={"title": "x"}, headers=headers)
+        assert created.status_code == 201
+        writes, seen[:] = list(seen), []
+        assert client.get(f"/api/{user_id}/tasks", headers=headers).status_code == 200
+        reads = list(seen)
+        client.delete(f"/api/{user_id}/tasks/{created.json['id']}", headers=headers)
+    finally:
+        event.remove(app.extensions["db"].engine, "before_cursor_execute", record)
+        app.extensions["db"].engine.dispose()
+    assert writes and all(autocommit is False for _, autocommit in writes)
+    assert reads and all(autocommit is True for _, autocommit in reads)

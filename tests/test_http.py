@@ -10,7 +10,7 @@ from sqlalchemy.exc import OperationalError
 
 from todo_api import create_app
 
-from .conftest import make_config
+from .conftest import make_config, no_database
 
 ORIGIN = "http://localhost:3000"
 
@@ -134,12 +134,8 @@ def test_log_lines_carry_request_id_and_never_the_token(client, auth, capsys):
 
 
 def test_health_touches_no_database(client, app):
-    db = app.extensions["db"]
-    original, db.sessionmaker = db.sessionmaker, None
-    try:
+    with no_database(app):
         response = client.get("/health")
-    finally:
-        db.sessionmaker = original
     assert response.status_code == 200 and response.json == {"status": "ok"}
 
 
