@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Flask
 from flask_smorest import Api
+from flask_smorest.pagination import PaginationMetadataSchema
 
 from . import auth, cli, db, errors, health, observability, tasks, web
 from .config import MAX_BODY_BYTES, check_secret, load_config
@@ -15,6 +16,14 @@ from .schemas import ErrorSchema
 
 class TodoApi(Api):
     ERROR_SCHEMA = ErrorSchema
+
+    def _register_pagination_header(self) -> None:
+        # X-Pagination's value is JSON, so OpenAPI 3 documents it with `content`: a `schema` of type object means
+        # the `simple` style ("total,3,page,1"), which is not what is sent.
+        self.spec.components.header("PAGINATION", {
+            "description": "Pagination metadata, as JSON",
+            "content": {"application/json": {"schema": PaginationMetadataSchema}},
+        }, lazy=True)
 
 
 API_SETTINGS: dict[str, Any] = {

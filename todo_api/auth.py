@@ -21,6 +21,7 @@ from flask.views import MethodView
 from flask_smorest import Blueprint, abort
 
 from .jwks import SUPPORTED_ALGORITHMS, JWKSCache, JWKSUnavailable
+from .models import Task
 from .schemas import MeSchema
 
 MISSING_TOKEN = "Missing authentication token"
@@ -28,6 +29,12 @@ INVALID_TOKEN = "Invalid authentication token"
 EXPIRED_TOKEN = "Authentication token expired"
 AUTH_UNAVAILABLE = "Authentication service unavailable"
 TOKEN_CACHE_SIZE = 4096
+# Better Auth's tokens are well under 1 KiB; gunicorn refuses a header line over 8190 bytes anyway. Longer tokens
+# are refused unread, and can never fill the token cache (4096 entries) with megabytes.
+MAX_TOKEN_LENGTH = 8 * 1024
+MAX_USER_ID_LENGTH: int = Task.__table__.c.user_id.type.length  # type: ignore[attr-defined]
+NUMERIC_DATE_CLAIMS = ("exp", "nbf", "iat")
+MAX_NUMERIC_DATE = 253_402_300_799  # 9999-12-31T23:59:59Z
 EXTENSION = "todo_api.auth"
 
 blp = Blueprint("me", __name__, url_prefix="/api/me", description="The signed-in user")
@@ -41,11 +48,36 @@ class TokenError(Exception):
         self.message = message
 
 
+def is_user_id(value: Any) -> bool:
+    """A `sub` this API can serve: a string of 1 to 255 printable characters, not only spaces.
+
+    PyJWT only checks that `sub` is a string. An empty one is nobody; NUL, control characters and lone surrogates
+    cannot be stored, logged or sent back as JSON; a longer one does not fit the user_id column.
+    """
+    return (isinstance(value, str) and 0 < len(value) <= MAX_USER_ID_LENGTH and value.isprintable()
+            and not value.isspace())
+
+
+def is_numeric_date(value: Any) -> bool:
+    """RFC 7519's NumericDate: a JSON number (PyJWT also takes "1700000000" and true), within datetime's range."""
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and -MAX_NUMERIC_DATE <= value <= MAX_NUMERIC_DATE)
+
+
+def check_claims(claims: dict[str, Any]) -> dict[str, Any]:
+    """What PyJWT leaves open, for both ways: a usable `sub`, and exp/nbf/iat that are real numbers."""
+    if not is_user_id(claims.get("sub")):
+        raise TokenError(INVALID_TOKEN)
+    if not all(is_numeric_date(claims[name]) for name in NUMERIC_DATE_CLAIMS if name in claims):
+        raise TokenError(INVALID_TOKEN)
+    return claims
+
+
 def verify(token: str, key: Any, algorithms: Sequence[str], issuers: Sequence[str] | None,
            audiences: Sequence[str] | None, leeway: float) -> dict[str, Any]:
     """jwt.decode with the rules shared by both ways; PyJWT errors become 401 messages."""
     try:
-        return jwt.decode(
+        claims = jwt.decode(
             token,
             key,
             algorithms=algorithms,
@@ -58,6 +90,7 @@ def verify(token: str, key: Any, algorithms: Sequence[str], issuers: Sequence[st
         raise TokenError(EXPIRED_TOKEN) from None
     except jwt.PyJWTError:
         raise TokenError(INVALID_TOKEN) from None
+    return check_claims(claims)
 
 
 class TokenCache:
@@ -156,7 +189,7 @@ def load_user() -> None:
     scheme, _, token = header.partition(" ")
     if not header:
         g.auth_error = MISSING_TOKEN
-    elif scheme.lower() != "bearer" or not token.strip():
+    elif scheme.lower() != "bearer" or not token.strip() or len(token) > MAX_TOKEN_LENGTH:
         g.auth_error = INVALID_TOKEN
     else:
         try:
@@ -195,8 +228,13 @@ class Me(MethodView):
     @blp.response(200, MeSchema)
     def get(self) -> dict[str, Any]:
         """The signed-in user's id, email and name, from the token."""
-        claims = g.claims
-        return {"user_id": g.user_id, "email": claims.get("email"), "name": claims.get("name")}
+        return {"user_id": g.user_id, "email": _string_claim("email"), "name": _string_claim("name")}
+
+
+def _string_claim(name: str) -> str | None:
+    """A profile claim as documented (a string, or null): a token's 42 or {"a": 1} is not an email."""
+    value = g.claims.get(name)
+    return value if isinstance(value, str) else None
 
 
 blp.before_request(require_user)

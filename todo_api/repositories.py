@@ -127,6 +127,8 @@ def list_tasks(
     """
     where = [Task.user_id == user_id, *_filters(session.get_bind().dialect.name, params)]
     total = session.scalar(select(func.count()).select_from(Task).where(*where)) or 0
+    if (page - 1) * page_size >= total:  # past the last page: empty, and no OFFSET beyond a 64-bit integer
+        return [], total
     rows = session.execute(
         select(*Task.__table__.columns)
         .where(*where)

@@ -57,7 +57,11 @@ class UTCDateTime(fields.AwareDateTime):
         super().__init__(format="iso", default_timezone=UTC, **kwargs)
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> datetime:
-        return super()._deserialize(value, attr, data, **kwargs).astimezone(UTC)
+        parsed = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return parsed.astimezone(UTC)
+        except OverflowError:  # e.g. 9999-12-31T23:59:59-01:00 is in year 10000 in UTC
+            raise self.make_error("invalid", input=value, obj_type=self.OBJ_TYPE) from None
 
 
 class Tags(fields.List):
@@ -199,8 +203,7 @@ class TaskListQuerySchema(Schema):
     completed = QueryBoolean()
     status = fields.String(load_default="all", validate=_one_of(("all", *STATUSES)))
     priority = fields.List(fields.String(validate=_one_of(PRIORITIES)), metadata={"description": "Repeatable."})
-    tag = fields.List(Text(trim=True, validate=validate.Length(1, 50)),
-                      metadata={"description": "Repeatable; the task must carry every tag given."})
+    tag = Tags(metadata={"description": f"Repeatable; the task must carry every tag given (at most {MAX_TAGS})."})
     q = Text(validate=validate.Length(max=200), metadata={"description": "Case-insensitive substring of title "
                                                                         "or description; % and _ are literal."})
     search = Text(validate=validate.Length(max=200), metadata={"description": "Alias of q."})

@@ -127,7 +127,7 @@ class TaskById(MethodView):
 
     @blp.etag
     @blp.errors(400, 401, 403, 404, 413, 415, 503)
-    @blp.arguments(TaskWriteSchema)
+    @blp.arguments(TaskWriteSchema, required=False)  # optional: no body changes no field
     @blp.response(200, TaskSchema)
     def put(self, changes: dict[str, Any], user_id: str, task_id: uuid.UUID) -> Any:
         """Update the fields sent (If-Match gives 412 when stale)."""
@@ -135,7 +135,7 @@ class TaskById(MethodView):
 
     @blp.etag
     @blp.errors(400, 401, 403, 404, 413, 415, 503)
-    @blp.arguments(TaskWriteSchema)
+    @blp.arguments(TaskWriteSchema, required=False)  # optional: no body changes no field
     @blp.response(200, TaskSchema)
     def patch(self, changes: dict[str, Any], user_id: str, task_id: uuid.UUID) -> Any:
         """Update the fields sent; same as PUT."""

@@ -1,37 +1,55 @@
-"""HTTP plumbing: orjson, trailing slashes, CORS and cache headers."""
+"""HTTP plumbing: orjson, trailing slashes, CORS, cache and security headers."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
-from flask import Flask, Response, request, send_from_directory
+from flask import Flask, Response, abort, request, send_from_directory
 from flask.json.provider import JSONProvider
 from flask_cors import CORS
 from swagger_ui_bundle import swagger_ui_path
+from werkzeug.routing import RequestRedirect
 
 SWAGGER_ASSETS_URL = "/docs/assets/"
+SWAGGER_UI_ENDPOINT = "api-docs.openapi_swagger_ui"  # flask-smorest's view of OPENAPI_SWAGGER_UI_PATH
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def to_json(obj: Any, option: int = 0) -> bytes:
+    """orjson; json for what orjson refuses (a lone surrogate such as a token's "\\ud800"), escaped as JSON allows."""
+    try:
+        return orjson.dumps(obj, default=str, option=option)
+    except orjson.JSONEncodeError:
+        return json.dumps(obj, default=str, sort_keys=bool(option & orjson.OPT_SORT_KEYS),
+                          separators=(",", ":")).encode()
 
 
 class OrjsonProvider(JSONProvider):
     """orjson is much faster than json, and bounds nesting depth instead of overflowing the stack."""
 
     def dumps(self, obj: Any, **kwargs: Any) -> str:
-        option = orjson.OPT_SORT_KEYS if kwargs.get("sort_keys") else 0
-        return orjson.dumps(obj, default=str, option=option).decode()
+        return to_json(obj, orjson.OPT_SORT_KEYS if kwargs.get("sort_keys") else 0).decode()
 
     def loads(self, s: str | bytes, **kwargs: Any) -> Any:
         return orjson.loads(s)
 
     def response(self, *args: Any, **kwargs: Any) -> Response:
         obj = self._prepare_response_obj(args, kwargs)
-        return self._app.response_class(orjson.dumps(obj, default=str), mimetype="application/json")
+        return self._app.response_class(to_json(obj), mimetype="application/json")
 
 
 class StripTrailingSlash:
-    """Every path works with or without a trailing slash, with no redirect."""
+    """Every path works with or without a trailing slash, with no redirect.
+
+    One slash only: /api/u/tasks/%2F (a task id "/", decoded by the server to tasks//) is an unknown task, 404,
+    not the list.
+    """
 
     def __init__(self, app: WSGIApp) -> None:
         self.app = app
@@ -39,7 +57,7 @@ class StripTrailingSlash:
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if len(path) > 1 and path.endswith("/"):
-            environ["PATH_INFO"] = path.rstrip("/") or "/"
+            environ["PATH_INFO"] = path[:-1]
         return self.app(environ, start_response)
 
 
@@ -49,8 +67,56 @@ def add_api_cache_headers(response: Response) -> Response:
     return response
 
 
+# Every response but Swagger UI's page (JSON, errors, empty ones, /docs files) may load nothing, framed by nobody.
+API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+# Swagger UI (/docs): its files from this origin, plus the page's inline initializer, allowed by its hash.
+# Styles keep 'unsafe-inline': Swagger UI renders style attributes, and styles cannot run code.
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self'{hashes}; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+INLINE_SCRIPT = re.compile(rb"<script\b(?![^>]*\bsrc\s*=)[^>]*>(.*?)</script\s*>", re.IGNORECASE | re.DOTALL)
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def script_hashes(html: bytes) -> list[str]:
+    """CSP source expressions ('sha256-...') for the inline scripts of an HTML page."""
+    return [
+        f"'sha256-{base64.b64encode(hashlib.sha256(script).digest()).decode()}'"
+        for script in INLINE_SCRIPT.findall(html)
+    ]
+
+
+def content_security_policy(response: Response) -> str:
+    """The strict API policy, except for Swagger UI's page, which gets its own with its inline scripts' hashes."""
+    if request.endpoint != SWAGGER_UI_ENDPOINT or response.mimetype != "text/html" or response.is_streamed:
+        return API_CSP
+    hashes = "".join(f" {source}" for source in script_hashes(response.get_data()))
+    return DOCS_CSP.format(hashes=hashes)
+
+
+def add_security_headers(response: Response) -> Response:
+    """On every response, errors, 204, 304 and preflights included."""
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    response.headers["Content-Security-Policy"] = content_security_policy(response)
+    return response
+
+
+def refuse_redirects() -> None:
+    """Werkzeug's router redirects some URLs to a canonical one (/api/u//tasks to /api/u/tasks) with an HTML page;
+    the contract never redirects, so such a URL is unknown: 404 with the JSON envelope."""
+    if isinstance(request.routing_exception, RequestRedirect):
+        abort(404)
+
+
 def init_app(app: Flask) -> None:
     app.wsgi_app = StripTrailingSlash(app.wsgi_app)  # type: ignore[method-assign]
+    app.before_request(refuse_redirects)
     CORS(
         app,
         resources={r"/api/*": {"origins": app.config["FRONTEND_URL"]}},
@@ -60,6 +126,7 @@ def init_app(app: Flask) -> None:
         max_age=600,
     )
     app.after_request(add_api_cache_headers)
+    app.after_request(add_security_headers)
     app.add_url_rule(f"{SWAGGER_ASSETS_URL}<path:filename>", "swagger_assets", serve_swagger_asset)
 
 
