@@ -19,7 +19,7 @@ def test_requests_succeed_after_the_server_terminates_pooled_connections(databas
     name = f"todo-api-test-{uuid.uuid4().hex[:8]}"
     app = create_app(make_config(f"{database_url}?application_name={name}", DB_POOL_SIZE=3))
     client, headers = app.test_client(), bearer(make_token("alice"))
-    admin = create_engine(database_url)
+    admin = create_engine(database_url, isolation_level="AUTOCOMMIT")  # pg_stat_activity is fresh per statement
     try:
         assert client.get("/api/alice/tasks", headers=headers).status_code == 200
         with admin.connect() as connection:

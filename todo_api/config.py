@@ -19,7 +19,8 @@ DB_MAX_OVERFLOW          Extra connections under burst (default 5).
 DB_POOL_TIMEOUT          Seconds to wait for a pooled connection (default 5).
 DB_POOL_RECYCLE          Seconds before a connection is replaced; below Neon's 5-minute idle suspend (default 240).
 DB_CONNECT_TIMEOUT       Seconds to establish a connection (default 5).
-DB_STATEMENT_TIMEOUT_MS  PostgreSQL statement timeout in milliseconds (default 10000).
+DB_STATEMENT_TIMEOUT_MS  PostgreSQL statement timeout in milliseconds (default 5000). The client also gives up on
+                         an unanswering server after this plus DB_CONNECT_TIMEOUT (todo_api/db.py).
 LOG_LEVEL                Python logging level (default INFO).
 """
 
@@ -118,7 +119,7 @@ def load_config(instance_path: Path, env: dict[str, str] | None = None) -> dict[
         "DB_POOL_TIMEOUT": _int(env, "DB_POOL_TIMEOUT", 5),
         "DB_POOL_RECYCLE": _int(env, "DB_POOL_RECYCLE", 240),
         "DB_CONNECT_TIMEOUT": _int(env, "DB_CONNECT_TIMEOUT", 5),
-        "DB_STATEMENT_TIMEOUT_MS": _int(env, "DB_STATEMENT_TIMEOUT_MS", 10_000),
+        "DB_STATEMENT_TIMEOUT_MS": _int(env, "DB_STATEMENT_TIMEOUT_MS", 5_000),
         "LOG_LEVEL": env.get("LOG_LEVEL", "INFO").upper(),
     }
 

@@ -8,6 +8,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.orm.exc import StaleDataError
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,9 @@ def handle_http_exception(error: HTTPException) -> Response:
 
 def handle_database_error(error: SQLAlchemyError) -> Response:
     """Unreachable or dropped database: 503 so clients retry; anything else is a plain 500."""
+    if isinstance(error, StaleDataError):
+        # The ORM's UPDATE matched no row: a concurrent request deleted the task after this one read it.
+        return error_response(404, "Task not found")
     if isinstance(error, OperationalError | PoolTimeoutError) or (
         isinstance(error, DBAPIError) and error.connection_invalidated
     ):

@@ -15,6 +15,7 @@ from sqlalchemy import (
     Row,
     and_,
     case,
+    delete,
     exists,
     func,
     literal,
@@ -194,9 +195,10 @@ def update_task(session: Session, task: Task, changes: dict[str, Any]) -> Task:
 
 
 def delete_task(session: Session, task: Task) -> None:
-    """Delete a task loaded through get_task."""
-    session.delete(task)
-    session.flush()
+    """Delete a task loaded through get_task; TaskNotFound if a concurrent request deleted it first."""
+    deleted = session.execute(delete(Task).where(Task.id == task.id, Task.user_id == task.user_id))
+    if deleted.rowcount == 0:
+        raise TaskNotFound(task.id)
 
 
 def set_completed(session: Session, user_id: str, task_id: uuid.UUID, completed: bool | None) -> Task:

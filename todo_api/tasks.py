@@ -147,7 +147,10 @@ class TaskById(MethodView):
     def delete(self, user_id: str, task_id: uuid.UUID) -> Response:
         """Delete a task (If-Match honoured)."""
         session = get_session()
-        repo.delete_task(session, _find_unchanged(user_id, task_id))
+        try:
+            repo.delete_task(session, _find_unchanged(user_id, task_id))
+        except repo.TaskNotFound:
+            abort(404, message=TASK_NOT_FOUND)
         session.commit()
         return no_content()
 
