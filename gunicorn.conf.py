@@ -10,10 +10,10 @@ GUNICORN_KEEPALIVE   Seconds to hold an idle keep-alive connection, gthread only
 GUNICORN_MAX_REQUESTS  Requests before a worker is recycled, 0 disables (default 10000).
 FORWARDED_ALLOW_IPS  Proxies trusted for X-Forwarded-* (gunicorn's own variable; default 127.0.0.1,::1).
 
-Defaults were measured on 2 vCPUs with wrk (docs/gunicorn-measurements.md): with PostgreSQL on
-localhost, 4 gthread workers x 4 threads matched the best sync setup; with 2 ms to the database
-(as with a hosted one), they served twice as many requests as 4 sync workers. Keep DB_POOL_SIZE
-(default 5) >= GUNICORN_THREADS, or threads wait for, or churn, connections.
+Defaults were measured on 2 vCPUs with wrk, 64 connections: with PostgreSQL on localhost, 4 gthread
+workers x 4 threads matched the best sync setups (the app's CPU is the limit); with a 2 ms round trip
+to the database, as with a hosted one, they served about twice as many requests as 4 sync workers.
+Keep DB_POOL_SIZE (default 5) >= GUNICORN_THREADS, or threads wait for connections.
 """
 
 from __future__ import annotations
@@ -73,10 +73,3 @@ def post_fork(server: Any, worker: Any) -> None:
     if engine is not None:
         engine.dispose(close=False)
 
-
-def worker_exit(server: Any, worker: Any) -> None:
-    # Say goodbye to PostgreSQL instead of dropping sockets on every recycle. The master also
-    # calls this hook for workers that vanished; its pool is not theirs to close.
-    engine = _engine()
-    if engine is not None and os.getpid() == worker.pid:
-        engine.dispose()

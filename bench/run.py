@@ -9,6 +9,7 @@ import argparse
 import os
 import platform
 import random
+import runpy
 import secrets
 import shutil
 import subprocess
@@ -113,12 +114,17 @@ def start_ours(stack: ExitStack, args: argparse.Namespace, postgres: pg.Postgres
     return server, partial(pg.delete_created, postgres.url, "tasks")
 
 
+def gunicorn_setting(name: str) -> object:
+    """A value of gunicorn.conf.py as it resolves in this environment (WEB_CONCURRENCY, GUNICORN_THREADS...)."""
+    return runpy.run_path(str(ROOT / "gunicorn.conf.py"))[name]
+
+
 def start_seed(stack: ExitStack, args: argparse.Namespace, postgres: pg.Postgres,
                secret: str) -> tuple[Server, Callable[[], None]]:
     """The seed stack on its own database, seeded with the same users and counts, sharing our secret."""
     url = postgres.database("seed_stack")
     env = {**os.environ, "BETTER_AUTH_SECRET": secret, "SEED_STACK_DB": pg.seed_stack_spec(url),
-           "SEED_STACK_WORKERS": os.environ.get("WEB_CONCURRENCY", "2")}
+           "SEED_STACK_WORKERS": str(gunicorn_setting("workers"))}  # as many processes as ours
     pg.prepare_seed_stack_database(url, SEED_STACK_RUN, env, _users(args), args.tasks_per_user)
     return start_seed_stack(stack, env), partial(pg.delete_created, url, "seed_tasks")
 
@@ -190,8 +196,8 @@ def _meta(args: argparse.Namespace, stamp: str) -> dict[str, Any]:
         "duration": args.duration, "rounds": args.rounds, "connections": args.connections,
         "rate": args.rate, "rate_connections": args.rate_connections, "fixed_rate_method": FIXED_RATE_METHOD,
         "users": args.users, "tasks_per_user": args.tasks_per_user, "log_level": args.log_level,
-        "web_concurrency": os.environ.get("WEB_CONCURRENCY", "2 (gunicorn.conf.py default)"),
-        "gunicorn_threads": os.environ.get("GUNICORN_THREADS", "4 (gunicorn.conf.py default)"),
+        "web_concurrency": gunicorn_setting("workers"),
+        "gunicorn_threads": gunicorn_setting("threads"),
         "git_commit": commit.stdout.strip() or None, "wrk": (wrk.stdout or wrk.stderr).splitlines()[0],
         "cpus": os.cpu_count(), "python": platform.python_version(), "load_average_at_start": os.getloadavg(),
     }
