@@ -66,8 +66,11 @@ def reset_schema(url: str) -> None:
     """Drop what a previous run left, then migrate to head."""
     engine = create_engine(url)
     with engine.begin() as connection:
-        connection.execute(text("DROP TABLE IF EXISTS tasks"))
-        connection.execute(text("DROP TABLE IF EXISTS alembic_version"))
+        for table in ("tasks", "task_counts", "alembic_version"):
+            connection.execute(text(f"DROP TABLE IF EXISTS {table}"))
+        if connection.dialect.name == "postgresql":
+            for function in ("task_counts_add", "task_counts_remove", "task_counts_clear", "tasks_keep_owner"):
+                connection.execute(text(f"DROP FUNCTION IF EXISTS {function}()"))
     engine.dispose()
     command.upgrade(alembic_config(url), "head")
 

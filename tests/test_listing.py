@@ -196,3 +196,16 @@ def test_summary_of_a_new_user_is_zero(client, auth):
 
 def test_summary_of_another_user_is_403(client, auth):
     assert client.get("/api/bob/tasks/summary", headers=auth("alice")).status_code == 403
+
+
+def test_pagination_metadata_is_flask_smorests():
+    """tasks.Blueprint builds X-Pagination without flask-smorest's per-request schema; the values are the same."""
+    import flask_smorest
+
+    from todo_api.tasks import Blueprint
+
+    for item_count in (0, 1, 49, 50, 51, 1000):
+        for page_size in (1, 50, 1000):
+            for page in (1, 2, 3, 20, 1001):
+                ours = Blueprint._make_pagination_metadata(page, page_size, item_count)
+                assert ours == flask_smorest.Blueprint._make_pagination_metadata(page, page_size, item_count)

@@ -79,3 +79,19 @@ def test_the_list_indexes_exist(empty_database):
     if empty_database.dialect.name == "postgresql":  # SQLite's reflection skips expression indexes
         assert indexes["ix_tasks_user_priority"][0] == "user_id"
         assert indexes["ix_tasks_user_title"][0] == "user_id"
+
+
+def test_task_counts_are_backfilled_from_existing_tasks(empty_database):
+    migrate(empty_database, "upgrade", "0002")
+    for user, n in (("alice", 3), ("bob", 1)):
+        for _ in range(n):
+            empty_database.execute(text(
+                "INSERT INTO tasks (id, user_id, title, status, priority, tags, created_at, updated_at) "
+                "VALUES (:id, :user, 't', 'pending', 'medium', '[]', '2026-01-01', '2026-01-01')"
+            ), {"id": uuid.uuid4().hex, "user": user})
+    empty_database.commit()
+    migrate(empty_database, "upgrade", "head")
+    counts = dict(empty_database.execute(text("SELECT user_id, total FROM task_counts")).all())
+    assert counts == {"alice": 3, "bob": 1}
+    migrate(empty_database, "downgrade", "0002")
+    assert "task_counts" not in inspect(empty_database).get_table_names()

@@ -6,7 +6,19 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, CheckConstraint, DateTime, Index, MetaData, String, TypeDecorator, Uuid, case, func
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Index,
+    MetaData,
+    String,
+    TypeDecorator,
+    Uuid,
+    case,
+    func,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -83,6 +95,15 @@ class Task(Base):
         return self.status == "completed"
 
     is_completed = completed
+
+
+class TaskCount(Base):
+    """Each user's number of tasks, kept exact by database triggers on tasks (migration 0003), never by the app."""
+
+    __tablename__ = "task_counts"
+
+    user_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    total: Mapped[int] = mapped_column(BigInteger)
 
 
 # Sort keys: priority by rank (high > medium > low), titles case-insensitively. The indexes use the same expressions.

@@ -15,6 +15,19 @@ from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 class JSONParser(FlaskParser):
     """An empty body is "no arguments"; anything else must be a JSON object (415 / 400 otherwise)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._schemas: dict[type[Schema], Schema] = {}
+
+    def _get_schema(self, argmap: Any, req: Request) -> Schema:
+        # webargs builds a new instance of a schema class on every request (flask-smorest's pagination passes one):
+        # ~0.2 ms each. Schemas keep no per-request state, so one instance per class is shared, as flask-smorest
+        # already shares the instances given to @blp.arguments.
+        if isinstance(argmap, type) and issubclass(argmap, Schema):
+            schema = self._schemas.get(argmap)
+            return schema if schema is not None else self._schemas.setdefault(argmap, argmap())
+        return super()._get_schema(argmap, req)
+
     def load_json(self, req: Request, schema: Schema) -> Any:
         if not read_body(req):
             return missing

@@ -39,7 +39,7 @@ OPTIONAL_IF_MATCH = {
 class Blueprint(flask_smorest.Blueprint):
     """flask-smorest's ETag support, with If-Match optional (the contract asks for 412, never 428)."""
 
-    ARGUMENTS_PARSER = JSONParser()
+    ARGUMENTS_PARSER = PAGINATION_ARGUMENTS_PARSER = JSONParser()
 
     def _check_precondition(self) -> None:
         pass
@@ -56,6 +56,21 @@ class Blueprint(flask_smorest.Blueprint):
         if "parameters" in doc:
             doc["parameters"] = [OPTIONAL_IF_MATCH if p == "IF_MATCH" else p for p in doc["parameters"]]
         return doc
+
+    @staticmethod
+    def _make_pagination_metadata(page: int, page_size: int, item_count: int) -> dict[str, int]:
+        # flask-smorest's, without dumping the plain dict of ints through a new PaginationMetadataSchema each time.
+        if item_count == 0:
+            return {"total": 0, "total_pages": 0}
+        last_page = (item_count - 1) // page_size + 1
+        metadata = {"total": item_count, "total_pages": last_page, "first_page": 1, "last_page": last_page}
+        if page <= last_page:
+            metadata["page"] = page
+            if page > 1:
+                metadata["previous_page"] = page - 1
+            if page < last_page:
+                metadata["next_page"] = page + 1
+        return metadata
 
     def errors(self, *statuses: int) -> Callable[[Any], Any]:
         """Document error responses with the envelope (flask-smorest registers one component per status)."""
