@@ -14,6 +14,7 @@ from sqlalchemy import (
     ColumnElement,
     Row,
     and_,
+    bindparam,
     case,
     delete,
     exists,
@@ -176,6 +177,18 @@ def summarize(session: Session, user_id: str) -> dict[str, Any]:
         "overdue": row["overdue"],
         "by_priority": {priority: row[priority] for priority in PRIORITIES},
     }
+
+
+# Built once: SQLAlchemy then reuses its compiled form without rebuilding the expression or its cache key.
+READ_TASK = select(*Task.__table__.columns).where(Task.id == bindparam("task_id"), Task.user_id == bindparam("user_id"))
+
+
+def read_task(session: Session, user_id: str, task_id: uuid.UUID) -> Row[Any]:
+    """The user's task as a Core row, for reads: no ORM object to build, track and discard."""
+    row = session.connection().execute(READ_TASK, {"task_id": task_id, "user_id": user_id}).first()
+    if row is None:
+        raise TaskNotFound(task_id)
+    return row
 
 
 def get_task(session: Session, user_id: str, task_id: uuid.UUID, *, for_update: bool = False) -> Task:

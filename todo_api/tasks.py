@@ -138,7 +138,10 @@ class TaskById(MethodView):
     @blp.response(200, TaskSchema)
     def get(self, user_id: str, task_id: uuid.UUID) -> Any:
         """Get one task (ETag; If-None-Match gives 304)."""
-        return _find(user_id, task_id)
+        try:
+            return repo.read_task(get_session(), user_id, task_id)
+        except repo.TaskNotFound:
+            abort(404, message=TASK_NOT_FOUND)
 
     @blp.etag
     @blp.errors(400, 401, 403, 404, 413, 415, 503)
