@@ -218,7 +218,8 @@ def _print_notes(args: argparse.Namespace, meta: dict[str, Any]) -> None:
         print(f"Target {args.target}: its logging is its own; rows the create scenarios added ('bench-create ...') "
               "were not deleted.")
     else:
-        print(f"App LOG_LEVEL={args.log_level}; gunicorn's access log stays on, as gunicorn.conf.py has it.")
+        print(f"App LOG_LEVEL={args.log_level} (INFO logs one JSON line per request); gunicorn's access log off, "
+              "as gunicorn.conf.py has it.")
     boots = ", ".join(f"{name} {counts['worker_boots']}" for name, counts in meta["server_logs"].items())
     print(f"gunicorn worker boots (at start, then max_requests recycling): {boots}")
     print(f"Set-up {meta['setup_seconds']} s, total {meta['total_seconds']} s")

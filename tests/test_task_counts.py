@@ -11,7 +11,6 @@ from sqlalchemy.exc import IntegrityError
 
 from todo_api.models import Task, TaskCount, utcnow
 
-
 USERS = ("alice", "bob", "carol")  # other tests may have committed tasks of other users
 
 

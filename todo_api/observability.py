@@ -56,7 +56,7 @@ class StderrHandler(logging.StreamHandler):
 
 
 def configure_logging(level: str) -> None:
-    """JSON lines on stderr for the package's loggers (gunicorn keeps its own access log)."""
+    """JSON lines on stderr for the package's loggers; the access line per request is ours, not gunicorn's."""
     logger = logging.getLogger("todo_api")
     if not any(getattr(h, "todo_api_handler", False) for h in logger.handlers):
         handler = StderrHandler()
