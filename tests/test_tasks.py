@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
+import orjson
 import pytest
 
 TASK_FIELDS = {
@@ -290,22 +292,28 @@ def test_unknown_task_is_404(client, auth):
     assert response.status_code == 404 and response.json == {"detail": "Task not found"}
 
 
-def test_fast_task_dump_equals_marshmallows_own(client, auth, create_task, app):
+def test_fast_task_dump_is_marshmallows_json_byte_for_byte(client, auth, create_task, app):
     from marshmallow import Schema
 
     from todo_api.db import get_session
-    from todo_api.repositories import get_task, list_tasks
+    from todo_api.repositories import get_task, list_tasks, read_task
     from todo_api.schemas import TaskSchema
+    from todo_api.web import to_json
 
     created = create_task(description="d", tags=["a", "b"], due_date="2026-12-01T10:00:00.5Z", completed=True)
-    create_task(title="plain")
+    create_task(title="plain", due_date="0001-01-01T00:00:00Z")
+    create_task(title="late", due_date="9999-12-31T23:59:59.999999Z")
     with app.app_context():
         session = get_session()
         task = get_task(session, "alice", uuid.UUID(created["id"]))
         rows, _ = list_tasks(session, "alice", {}, page=1, page_size=10)
-        schema = TaskSchema()
-        assert schema.dump(task) == Schema.dump(schema, task)
-        # Rows of the list query give the same output as the ORM objects would through marshmallow.
+        schema, many = TaskSchema(), TaskSchema(many=True)
+        assert to_json(schema.dump(task)) == to_json(Schema.dump(schema, task))
+        # Rows of the list query give the same JSON as the ORM objects would through marshmallow.
         objects = [get_task(session, "alice", row.id) for row in rows]
-        assert TaskSchema(many=True).dump(rows) == Schema.dump(TaskSchema(many=True), objects)
-        assert schema.dump(task) == created
+        assert to_json(many.dump(rows)) == to_json(Schema.dump(many, objects))
+        assert to_json(schema.dump(read_task(session, "alice", task.id))) == to_json(Schema.dump(schema, task))
+        assert orjson.loads(to_json(schema.dump(task))) == created
+        # The json fallback (for what orjson refuses) writes the objects as marshmallow would too.
+        fallback = json.loads(to_json({"task": schema.dump(task), "odd": "\ud800"}))["task"]
+        assert fallback == Schema.dump(schema, task)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable
+from datetime import date, datetime, time
 from typing import Any
 
 import orjson
@@ -22,12 +23,19 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
 def to_json(obj: Any, option: int = 0) -> bytes:
-    """orjson; json for what orjson refuses (a lone surrogate such as a token's "\\ud800"), escaped as JSON allows."""
+    """orjson; json for what orjson refuses (a lone surrogate such as a token's "\\ud800"), escaped as JSON allows.
+
+    Datetimes are ISO 8601 (isoformat()) and UUIDs canonical either way, as marshmallow's fields write them.
+    """
     try:
         return orjson.dumps(obj, default=str, option=option)
     except orjson.JSONEncodeError:
-        return json.dumps(obj, default=str, sort_keys=bool(option & orjson.OPT_SORT_KEYS),
+        return json.dumps(obj, default=_json_default, sort_keys=bool(option & orjson.OPT_SORT_KEYS),
                           separators=(",", ":")).encode()
+
+
+def _json_default(value: Any) -> str:
+    return value.isoformat() if isinstance(value, datetime | date | time) else str(value)
 
 
 class OrjsonProvider(JSONProvider):
