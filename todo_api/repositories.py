@@ -5,6 +5,7 @@ Nothing here commits: the view commits once per request.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
@@ -13,13 +14,14 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Row,
+    Select,
+    Update,
     and_,
     bindparam,
     case,
     delete,
     exists,
     func,
-    literal,
     not_,
     or_,
     select,
@@ -123,6 +125,22 @@ def _ordering(sort: str, order: str) -> list[ColumnElement[Any]]:
     return [primary, Task.id.desc() if descending else Task.id.asc()]
 
 
+USER_TOTAL = select(TaskCount.total).where(TaskCount.user_id == bindparam("user_id"))
+
+
+@functools.cache
+def _unfiltered_page(sort: str, order: str) -> Select[Any]:
+    """The page query of an unfiltered list, with the user's total; built once per ordering, as it is the hot path:
+    SQLAlchemy then skips building the expression, its cache key and the adaptation of its cached result columns."""
+    return (
+        select(*Task.__table__.columns, USER_TOTAL.scalar_subquery().label("user_total"))
+        .where(Task.user_id == bindparam("user_id"))
+        .order_by(*_ordering(sort, order))
+        .limit(bindparam("page_size"))
+        .offset(bindparam("offset"))
+    )
+
+
 def list_tasks(
     session: Session, user_id: str, params: dict[str, Any], *, page: int, page_size: int
 ) -> tuple[Sequence[Row[Any]], int]:
@@ -134,27 +152,28 @@ def list_tasks(
     is neither full nor empty ends the list, so the total is its offset plus its length.
     """
     filters = _filters(session.get_bind().dialect.name, params)
-    where = [Task.user_id == user_id, *filters]
-    user_total = select(TaskCount.total).where(TaskCount.user_id == user_id)
-    columns = [*Task.__table__.columns]
-    if not filters:
-        columns.append(user_total.scalar_subquery().label("user_total"))
+    sort, order = params.get("sort", "created_at"), params.get("order", "desc")
     offset = (page - 1) * page_size
     rows: Sequence[Row[Any]] = []
     if offset < MAX_OFFSET:  # beyond, no database accepts the OFFSET and no user has that many tasks
-        query = (
-            select(*columns)
-            .where(*where)
-            .order_by(*_ordering(params.get("sort", "created_at"), params.get("order", "desc")))
-            .limit(page_size)
-            .offset(offset)
-        )
-        rows = session.connection().execute(query).all()
+        connection = session.connection()
+        if filters:
+            query = (
+                select(*Task.__table__.columns)
+                .where(Task.user_id == user_id, *filters)
+                .order_by(*_ordering(sort, order))
+                .limit(page_size)
+                .offset(offset)
+            )
+            rows = connection.execute(query).all()
+        else:
+            bounds = {"user_id": user_id, "page_size": page_size, "offset": offset}
+            rows = connection.execute(_unfiltered_page(sort, order), bounds).all()
     if 0 < len(rows) < page_size:
         return rows, offset + len(rows)
     if not filters:
-        return rows, rows[0].user_total if rows else session.scalar(user_total) or 0
-    return rows, session.scalar(select(func.count()).select_from(Task).where(*where)) or 0
+        return rows, rows[0].user_total if rows else session.scalar(USER_TOTAL, {"user_id": user_id}) or 0
+    return rows, session.scalar(select(func.count()).select_from(Task).where(Task.user_id == user_id, *filters)) or 0
 
 
 def summarize(session: Session, user_id: str) -> dict[str, Any]:
@@ -181,6 +200,8 @@ def summarize(session: Session, user_id: str) -> dict[str, Any]:
 
 # Built once: SQLAlchemy then reuses its compiled form without rebuilding the expression or its cache key.
 READ_TASK = select(*Task.__table__.columns).where(Task.id == bindparam("task_id"), Task.user_id == bindparam("user_id"))
+LOAD_TASK = select(Task).where(Task.id == bindparam("task_id"), Task.user_id == bindparam("user_id"))
+LOCK_TASK = LOAD_TASK.with_for_update()  # for If-Match: the row stays as checked until the write commits
 
 
 def read_task(session: Session, user_id: str, task_id: uuid.UUID) -> Row[Any]:
@@ -193,8 +214,7 @@ def read_task(session: Session, user_id: str, task_id: uuid.UUID) -> Row[Any]:
 
 def get_task(session: Session, user_id: str, task_id: uuid.UUID, *, for_update: bool = False) -> Task:
     """The user's task; `for_update` locks the row until commit (for If-Match checks)."""
-    query = select(Task).where(Task.id == task_id, Task.user_id == user_id)
-    task = session.scalar(query.with_for_update() if for_update else query)
+    task = session.scalar(LOCK_TASK if for_update else LOAD_TASK, {"task_id": task_id, "user_id": user_id})
     if task is None:
         raise TaskNotFound(task_id)
     return task
@@ -223,25 +243,33 @@ def delete_task(session: Session, task: Task) -> None:
         raise TaskNotFound(task.id)
 
 
-def set_completed(session: Session, user_id: str, task_id: uuid.UUID, completed: bool | None) -> Task:
-    """Toggle (completed=None) or set completion in one UPDATE, so concurrent toggles never lose an update."""
-    now = utcnow()
-    stamp = literal(now, UTCDateTime)
+@functools.cache
+def _completion_update(completed: bool | None) -> Update:
+    """UPDATE ... RETURNING for a toggle (None) or a set; built once per kind."""
+    now = bindparam("now", type_=UTCDateTime())
     was_completed = Task.status == "completed"
     if completed is None:
         values = {
             "status": case((was_completed, "pending"), else_="completed"),
-            "completed_at": case((was_completed, None), else_=stamp),
+            "completed_at": case((was_completed, None), else_=now),
         }
     elif completed:
-        values = {"status": "completed", "completed_at": case((was_completed, Task.completed_at), else_=stamp)}
+        values = {"status": "completed", "completed_at": case((was_completed, Task.completed_at), else_=now)}
     else:
         values = {"status": case((was_completed, "pending"), else_=Task.status), "completed_at": None}
-    task = session.scalar(
+    return (
         update(Task)
-        .where(Task.id == task_id, Task.user_id == user_id)
+        .where(Task.id == bindparam("task"), Task.user_id == bindparam("owner"))  # not column names: SET uses those
         .values(**values, updated_at=now)
-        .returning(Task),
+        .returning(Task)
+    )
+
+
+def set_completed(session: Session, user_id: str, task_id: uuid.UUID, completed: bool | None) -> Task:
+    """Toggle (completed=None) or set completion in one UPDATE, so concurrent toggles never lose an update."""
+    task = session.scalar(
+        _completion_update(completed),
+        {"task": task_id, "owner": user_id, "now": utcnow()},
         execution_options={"synchronize_session": False, "populate_existing": True},
     )
     if task is None:
