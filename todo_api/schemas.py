@@ -18,7 +18,7 @@ from marshmallow import (
 )
 from sqlalchemy import Row
 
-from .models import PRIORITIES, STATUSES, Task
+from .models import PRIORITIES, STATUSES
 
 SERVER_MANAGED = ("id", "user_id", "created_at", "updated_at", "completed_at")
 MAX_TAGS = 20
@@ -135,13 +135,13 @@ class TaskCreateSchema(TaskWriteSchema):
 
 
 def _task_dict(
-    id: Any, user_id: str, title: str, description: str | None, status: str, priority: str,
+    task_id: Any, user_id: str, title: str, description: str | None, status: str, priority: str,
     due_date: datetime | None, tags: list[str], completed_at: datetime | None, created_at: datetime,
     updated_at: datetime, *_more: Any,
 ) -> dict[str, Any]:
     completed = status == "completed"
     return {
-        "id": id, "user_id": user_id, "title": title, "description": description,
+        "id": task_id, "user_id": user_id, "title": title, "description": description,
         "completed": completed, "is_completed": completed, "status": status, "priority": priority,
         "due_date": due_date, "tags": tags, "completed_at": completed_at,
         "created_at": created_at, "updated_at": updated_at,
@@ -149,7 +149,8 @@ def _task_dict(
 
 
 def task_to_dict(task: Any) -> dict[str, Any]:
-    """TaskSchema's output, written out, for a Task object or a Core row of the tasks table (columns in table order).
+    """TaskSchema's output, written out, for a Task object or a Core row of the tasks table (columns in table order,
+    as the byte-for-byte test against marshmallow checks).
 
     The id and datetimes stay objects: orjson writes them in C exactly as marshmallow's fields would (str(uuid),
     isoformat()), and tests check the JSON is byte for byte marshmallow's. A 50-task page: ~0.4 ms -> ~0.04 ms.
@@ -249,10 +250,3 @@ class ErrorSchema(Schema):
 
 class HealthSchema(Schema):
     status = fields.String(required=True)
-
-
-# task_to_dict reads rows positionally.
-assert tuple(Task.__table__.columns.keys()) == (
-    "id", "user_id", "title", "description", "status", "priority", "due_date", "tags", "completed_at", "created_at",
-    "updated_at",
-), "update _task_dict to the tasks table's column order"
