@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,10 +42,11 @@ def start_postgres(stack: ExitStack) -> Postgres:
     if os.environ.get("TEST_DATABASE_URL"):
         server = make_url(normalize_database_url(os.environ["TEST_DATABASE_URL"]))
         return Postgres(server.set(database=BENCH_DATABASE), "TEST_DATABASE_URL's server")
-    if _port_open("127.0.0.1", 5432):
-        return Postgres(make_url(LOCAL_SERVER).set(database=BENCH_DATABASE), "local 127.0.0.1:5432")
     sys.path.insert(0, str(ROOT))
-    from tests.throwaway_postgres import start_embedded_postgres
+    from tests.throwaway_postgres import port_open, start_embedded_postgres
+
+    if port_open("127.0.0.1", 5432):
+        return Postgres(make_url(LOCAL_SERVER).set(database=BENCH_DATABASE), "local 127.0.0.1:5432")
 
     print("No PostgreSQL on 127.0.0.1:5432: starting an embedded one (fsync off).", flush=True)
     parent = Path(tempfile.mkdtemp(prefix="todo-bench-pg-"))
@@ -55,14 +55,6 @@ def start_postgres(stack: ExitStack) -> Postgres:
     url, stop = start_embedded_postgres(parent / "data")
     stack.callback(stop)
     return Postgres(make_url(url).set(database=BENCH_DATABASE), "embedded (tests/throwaway_postgres.py)")
-
-
-def _port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def libpq_url(url: URL) -> str:

@@ -6,7 +6,6 @@ Every test that uses `app` runs twice: on PostgreSQL and on SQLite.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ from flask.testing import FlaskClient, FlaskCliRunner
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import sessionmaker
 
+from tests.throwaway_postgres import port_open, start_embedded_postgres
 from todo_api import create_app
 from todo_api.cli import alembic_config
 from todo_api.config import normalize_database_url
@@ -30,24 +30,14 @@ SECRET = "test-secret-that-is-long-enough-for-hs256-and-hs512-0123456789abcdef"
 LOCAL_POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 
 
-def _port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """TEST_DATABASE_URL, else the local server, else a throwaway embedded one."""
     if os.environ.get("TEST_DATABASE_URL"):
         yield normalize_database_url(os.environ["TEST_DATABASE_URL"])
-    elif _port_open("127.0.0.1", 5432):
+    elif port_open("127.0.0.1", 5432):
         yield LOCAL_POSTGRES
     else:
-        from throwaway_postgres import start_embedded_postgres
-
         parent = Path(tempfile.mkdtemp(prefix="todo-api-pg-"))
         parent.chmod(0o711)  # as root, the server runs as another user, which must reach its data dir
         url, stop = start_embedded_postgres(parent / "data")

@@ -34,6 +34,15 @@ SERVER_OPTIONS = (
 )
 
 
+def port_open(host: str, port: int) -> bool:
+    """Whether a server already listens there (then no throwaway one is needed)."""
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def start_embedded_postgres(data_dir: Path) -> tuple[str, Callable[[], None]]:
     """Start a fresh server with its cluster in data_dir (created if missing, must be empty).
 
