@@ -20,8 +20,6 @@ Keep DB_POOL_SIZE (default 5) >= GUNICORN_THREADS, or threads wait for connectio
 from __future__ import annotations
 
 import os
-import sys
-from typing import Any
 
 
 def _env_int(name: str, default: int) -> int:
@@ -37,6 +35,7 @@ worker_class = "gthread" if threads > 1 else "sync"
 
 # Workers fork from a master that already imported the app: fast recycling, shared memory,
 # and a configuration error stops the master at once instead of boot-looping workers.
+# Each forked worker starts with an empty database pool (todo_api.db.forget_pool_after_fork).
 preload_app = True
 
 # Recycling bounds slow memory growth; the jitter keeps workers from restarting together.
@@ -59,20 +58,4 @@ loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
 
 # Containers often mount /tmp on disk; the heartbeat file belongs in memory.
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
-
-
-def _engine() -> Any | None:
-    """The SQLAlchemy engine of the app, if this process has already imported it."""
-    app = getattr(sys.modules.get("wsgi"), "app", None)
-    db = getattr(app, "extensions", {}).get("db")
-    return getattr(db, "engine", None)
-
-
-def post_fork(server: Any, worker: Any) -> None:
-    # With preload_app the pool was created in the master; a socket shared by two processes
-    # corrupts both sides. close=False forgets the inherited connections without sending
-    # a terminate message over sockets the master still owns.
-    engine = _engine()
-    if engine is not None:
-        engine.dispose(close=False)
 

@@ -23,7 +23,6 @@ def run_with(connection):
         compare_type=True,
         render_item=render_item,
         include_object=include_in_autogenerate,
-        render_as_batch=connection.dialect.name == "sqlite",
     )
     with context.begin_transaction():
         context.run_migrations()

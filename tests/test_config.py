@@ -19,17 +19,30 @@ from todo_api.config import ConfigError, check_secret, load_config, normalize_da
         ("postgresql+psycopg2://u:p@host/db", "postgresql+psycopg2://u:p@host/db"),
         ("postgresql://u:p@ep-x-pooler.neon.tech/db?sslmode=require&channel_binding=require",
          "postgresql+psycopg2://u:p@ep-x-pooler.neon.tech/db?sslmode=require&channel_binding=require"),
-        ("sqlite:////tmp/x.db", "sqlite:////tmp/x.db"),
     ],
 )
 def test_database_urls_are_normalised_to_psycopg2_keeping_neon_parameters(url, expected):
     assert normalize_database_url(url) == expected
 
 
-def test_default_database_is_sqlite_in_the_instance_folder(tmp_path):
+@pytest.mark.parametrize("name", ["DATABASE_URL", "MIGRATIONS_DATABASE_URL"])
+@pytest.mark.parametrize("url", ["sqlite:////tmp/x.db", "sqlite://", "mysql://u@host/db", "host/db"])
+def test_a_url_that_is_not_postgresql_stops_start_up_naming_the_variable(tmp_path, name, url):
+    with pytest.raises(ConfigError, match=f"^{name} must be a PostgreSQL URL"):
+        load_config(tmp_path, {"DATABASE_URL": "postgresql://u@host/db", name: url})
+
+
+def test_default_database_is_the_embedded_postgresql_of_make_run(tmp_path):
     config = load_config(tmp_path, {})
-    assert config["DATABASE_URL"] == f"sqlite:///{tmp_path / 'todo.db'}"
+    assert config["DATABASE_URL"] == "postgresql+psycopg2://postgres@127.0.0.1:54320/todo"
     assert config["APP_ENV"] == "development"
+    moved = load_config(tmp_path, {"EMBEDDED_POSTGRES_PORT": "6000"})
+    assert moved["DATABASE_URL"] == "postgresql+psycopg2://postgres@127.0.0.1:6000/todo"
+
+
+def test_production_without_database_url_stops_start_up(tmp_path):
+    with pytest.raises(ConfigError, match="DATABASE_URL is required in production"):
+        load_config(tmp_path, {"APP_ENV": "production", "BETTER_AUTH_SECRET": "x" * 32})
 
 
 def test_migrations_url_overrides_database_url(tmp_path):
@@ -51,20 +64,23 @@ def test_invalid_values_stop_start_up(tmp_path, env):
         load_config(tmp_path, env)
 
 
+PRODUCTION = {"APP_ENV": "production", "DATABASE_URL": "postgresql://u@host/db"}
+
+
 def test_production_without_secret_stops_start_up_naming_the_variable(tmp_path):
-    config = load_config(tmp_path, {"APP_ENV": "production"})
+    config = load_config(tmp_path, PRODUCTION)
     with pytest.raises(ConfigError, match="BETTER_AUTH_SECRET"):
         check_secret(config, tmp_path)
 
 
 def test_production_with_short_secret_stops_start_up(tmp_path):
-    config = load_config(tmp_path, {"APP_ENV": "production", "BETTER_AUTH_SECRET": "x" * 31})
+    config = load_config(tmp_path, {**PRODUCTION, "BETTER_AUTH_SECRET": "x" * 31})
     with pytest.raises(ConfigError, match="at least 32"):
         check_secret(config, tmp_path)
 
 
 def test_production_with_strong_secret_starts(tmp_path):
-    config = load_config(tmp_path, {"APP_ENV": "production", "BETTER_AUTH_SECRET": "x" * 32})
+    config = load_config(tmp_path, {**PRODUCTION, "BETTER_AUTH_SECRET": "x" * 32})
     check_secret(config, tmp_path)
     assert not (tmp_path / "dev-secret").exists()
 
@@ -79,10 +95,17 @@ def test_development_generates_a_secret_once_and_keeps_it(tmp_path, caplog):
     assert (tmp_path / "dev-secret").stat().st_mode & 0o077 == 0
 
 
-def test_wsgi_refuses_to_start_in_production_without_secret(tmp_path):
-    env = {"APP_ENV": "production", "PATH": "/usr/bin:/bin", "DATABASE_URL": f"sqlite:///{tmp_path}/x.db"}
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (PRODUCTION, "todo-api: BETTER_AUTH_SECRET"),
+        ({"DATABASE_URL": "sqlite:////tmp/todo.db"}, "todo-api: DATABASE_URL must be a PostgreSQL URL"),
+    ],
+)
+def test_wsgi_refuses_to_start_with_one_clear_line(env, message):
+    env = {**env, "PATH": "/usr/bin:/bin"}
     result = subprocess.run([sys.executable, "-c", "import wsgi"], env=env, capture_output=True, text=True,
                             timeout=60, cwd=Path(__file__).resolve().parent.parent)
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1].startswith("todo-api: BETTER_AUTH_SECRET")
-    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip().splitlines()[-1]]
+    assert result.stderr.strip().startswith(message)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from flask import Flask
+from flask import Flask, Response
 from flask_smorest import Api
 from flask_smorest.pagination import PaginationMetadataSchema
+from werkzeug.exceptions import HTTPException
 
 from . import auth, cli, db, errors, health, observability, tasks, web
 from .config import MAX_BODY_BYTES, check_secret, load_config
@@ -16,6 +17,10 @@ from .schemas import ErrorSchema
 
 class TodoApi(Api):
     ERROR_SCHEMA = ErrorSchema
+
+    def handle_http_exception(self, error: HTTPException) -> Response:
+        """Every HTTP error, from any layer, gets the {"detail": ...} envelope (flask-smorest's documented hook)."""
+        return errors.http_error_response(error)
 
     def _register_pagination_header(self) -> None:
         # X-Pagination's value is JSON, so OpenAPI 3 documents it with `content`: a `schema` of type object means
@@ -51,6 +56,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config.update(config or {})
     check_secret(app.config, Path(app.instance_path))
     app.json = web.OrjsonProvider(app)
+    # Before any route is added: every path works with or without one trailing slash, and is never redirected
+    # (werkzeug would redirect /tasks/ to /tasks, or /api/u//tasks to /api/u/tasks, with an HTML page).
+    app.url_map.strict_slashes = False
+    app.url_map.merge_slashes = False
 
     observability.init_app(app)
     db.init_app(app)
@@ -58,7 +67,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     api = TodoApi(app)
     for blueprint in (tasks.blp, auth.blp, health.blp):
         api.register_blueprint(blueprint)
-    errors.init_app(app)  # after Api, so our envelope replaces flask-smorest's
+    errors.init_app(app)
     web.init_app(app)
     cli.init_app(app)
     return app

@@ -4,7 +4,10 @@ Variables (also tabled in the README):
 
 APP_ENV                  development | production | test (default development).
 DATABASE_URL             postgres://, postgresql:// or postgresql+psycopg2:// URL; query parameters such as
-                         Neon's sslmode and channel_binding are kept. Default: SQLite file in the instance folder.
+                         Neon's sslmode and channel_binding are kept. PostgreSQL only: any other scheme stops
+                         start-up. Required in production. Default elsewhere: the embedded PostgreSQL that
+                         `make run` keeps under instance/ (todo_api/embedded_postgres.py), on EMBEDDED_POSTGRES_PORT.
+EMBEDDED_POSTGRES_PORT   Loopback port of that embedded server (default 54320).
 MIGRATIONS_DATABASE_URL  URL used by `flask db ...` instead of DATABASE_URL (Neon's direct, non-pooler endpoint).
 BETTER_AUTH_SECRET       HS256 secret shared with Better Auth; at least 32 characters outside development/test.
                          In development a random one is generated once and kept in the instance folder.
@@ -35,6 +38,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 ENVIRONMENTS = ("development", "production", "test")
 MIN_SECRET_LENGTH = 32
+POSTGRES_SCHEMES = ("postgres", "postgresql", "postgresql+psycopg2")
+EMBEDDED_POSTGRES_PORT = 54320
+EMBEDDED_POSTGRES_DATABASE = "todo"
 MAX_BODY_BYTES = 64 * 1024
 
 log = logging.getLogger(__name__)
@@ -44,12 +50,20 @@ class ConfigError(RuntimeError):
     """Configuration that must stop start-up."""
 
 
-def normalize_database_url(url: str) -> str:
-    """Point every PostgreSQL scheme at psycopg2, keeping the query string (sslmode, channel_binding)."""
+def normalize_database_url(url: str, name: str = "DATABASE_URL") -> str:
+    """Point every PostgreSQL scheme at psycopg2, keeping the query string (sslmode, channel_binding).
+
+    PostgreSQL is the only engine (production is Neon): a sqlite:// or any other URL stops start-up.
+    """
     parts = urlsplit(url)
-    if parts.scheme in ("postgres", "postgresql", "postgresql+psycopg2"):
-        return urlunsplit(parts._replace(scheme="postgresql+psycopg2"))
-    return url
+    if parts.scheme not in POSTGRES_SCHEMES:
+        raise ConfigError(f"{name} must be a PostgreSQL URL (postgresql://...), got scheme {parts.scheme!r}")
+    return urlunsplit(parts._replace(scheme="postgresql+psycopg2"))
+
+
+def embedded_postgres_url(port: int) -> str:
+    """The database of the embedded server that `make run` starts (trust auth, loopback only)."""
+    return f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{EMBEDDED_POSTGRES_DATABASE}"
 
 
 def _split_list(value: str | None) -> list[str]:
@@ -97,14 +111,22 @@ def load_config(instance_path: Path, env: dict[str, str] | None = None) -> dict[
     if app_env not in ENVIRONMENTS:
         raise ConfigError(f"APP_ENV must be one of {', '.join(ENVIRONMENTS)}, got {app_env!r}")
 
-    database_url = env.get("DATABASE_URL") or f"sqlite:///{instance_path / 'todo.db'}"
+    embedded_port = _int(env, "EMBEDDED_POSTGRES_PORT", EMBEDDED_POSTGRES_PORT)
+    database_url = env.get("DATABASE_URL") or ""
+    if not database_url:
+        if app_env == "production":
+            raise ConfigError("DATABASE_URL is required in production")
+        database_url = embedded_postgres_url(embedded_port)
     secret = env.get("BETTER_AUTH_SECRET") or None
     better_auth_url = (_http_url(env, "BETTER_AUTH_URL") or "").rstrip("/") or None
 
     return {
         "APP_ENV": app_env,
         "DATABASE_URL": normalize_database_url(database_url),
-        "MIGRATIONS_DATABASE_URL": normalize_database_url(env.get("MIGRATIONS_DATABASE_URL") or database_url),
+        "MIGRATIONS_DATABASE_URL": normalize_database_url(
+            env.get("MIGRATIONS_DATABASE_URL") or database_url, "MIGRATIONS_DATABASE_URL"
+        ),
+        "EMBEDDED_POSTGRES_PORT": embedded_port,
         "BETTER_AUTH_SECRET": secret,
         "BETTER_AUTH_URL": better_auth_url,
         # The default (BETTER_AUTH_URL + /api/auth/jwks) is applied by auth.Authenticator, so an override of

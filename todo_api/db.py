@@ -1,12 +1,11 @@
-"""One SQLAlchemy engine per process, and a session per request."""
+"""One SQLAlchemy engine per process, made for Neon's pooler, and a session per request."""
 
 from __future__ import annotations
 
 import logging
 import os
 import select
-import socket
-import time
+import weakref
 from typing import Any
 
 import orjson
@@ -17,6 +16,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
+from .deadlines import deadline_connection_class, install_wait_callback
 from .web import to_json
 
 log = logging.getLogger(__name__)
@@ -28,27 +28,21 @@ KEEPALIVE_ARGS = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval":
 
 def make_engine(url: str, config: dict[str, Any]) -> Engine:
     """A pooled engine that survives connections the server dropped (Neon suspends idle computes)."""
-    # orjson for the tags column: the stdlib json parser was a tenth of a 50-task page's cost.
-    json_options = {"json_serializer": lambda value: to_json(value).decode(), "json_deserializer": orjson.loads}
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 5, "check_same_thread": False}, **json_options)
-        _fix_sqlite_transactions(engine)
-        return engine
-
-    statement_timeout = int(config.get("DB_STATEMENT_TIMEOUT_MS", 5_000))
-    connect_timeout = int(config.get("DB_CONNECT_TIMEOUT", 5))
-    # The server cancels a statement after statement_timeout, but only a server that still answers can: a frozen
-    # server, a stalled proxy or a lost network would hold the request forever. The client gives up one connect
-    # timeout (the budget for a round trip) after the server should have answered.
+    statement_timeout = config["DB_STATEMENT_TIMEOUT_MS"]
+    connect_timeout = config["DB_CONNECT_TIMEOUT"]
+    # The client gives up one connect timeout (the budget for a round trip) after the server should have
+    # cancelled the statement itself (todo_api/deadlines.py).
     io_timeout = (statement_timeout / 1000 + connect_timeout) if statement_timeout > 0 else None
     install_wait_callback()
     engine = create_engine(
         url,
-        pool_size=config.get("DB_POOL_SIZE", 5),
-        max_overflow=config.get("DB_MAX_OVERFLOW", 5),
-        pool_timeout=config.get("DB_POOL_TIMEOUT", 5),
-        pool_recycle=config.get("DB_POOL_RECYCLE", 240),
-        **json_options,
+        pool_size=config["DB_POOL_SIZE"],
+        max_overflow=config["DB_MAX_OVERFLOW"],
+        pool_timeout=config["DB_POOL_TIMEOUT"],
+        pool_recycle=config["DB_POOL_RECYCLE"],
+        # orjson for the tags column: the stdlib json parser was a tenth of a 50-task page's cost.
+        json_serializer=lambda value: to_json(value).decode(),
+        json_deserializer=orjson.loads,
         connect_args={
             "connect_timeout": connect_timeout,
             # Bytes the server's host never acknowledges (a partition) fail the connection in connect_timeout
@@ -100,104 +94,6 @@ def discard_if_closed_by_server(dbapi_connection: Any, _record: Any, _proxy: Any
         raise DisconnectionError("server closed the connection")
 
 
-class DeadlineConnection(psycopg2.extensions.connection):
-    """A psycopg2 connection with client-side deadlines, enforced by wait_with_deadline (seconds, None: none)."""
-
-    connect_deadline: float | None = None
-    io_deadline: float | None = None
-
-
-def deadline_connection_class(connect_timeout: float | None, io_timeout: float | None) -> type[DeadlineConnection]:
-    return type("DeadlineConnection", (DeadlineConnection,),
-                {"connect_deadline": connect_timeout, "io_deadline": io_timeout})
-
-
-def install_wait_callback() -> None:
-    """Make psycopg2 wait for the server through wait_with_deadline, in this process.
-
-    With a wait callback psycopg2 drives libpq's non-blocking API and calls back whenever it would block, so a
-    connection attempt or a statement can be abandoned on a client-side deadline: libpq's own blocking calls have
-    none (libpq's connect_timeout is ignored in this mode, so the callback applies it). A callback that another
-    library installed (a coroutine library's) is left alone.
-    """
-    current = psycopg2.extensions.get_wait_callback()
-    if current is None:
-        psycopg2.extensions.set_wait_callback(wait_with_deadline)
-    elif current is not wait_with_deadline:
-        log.warning("psycopg2 has another wait callback (%r): database deadlines are not enforced", current)
-
-
-def wait_with_deadline(connection: Any, _cursor: Any = None) -> None:
-    """psycopg2 wait callback: poll the connection until its operation completes or its deadline passes.
-
-    On the deadline the socket is shut down, so nothing can read a late answer from it, and the error says
-    "could not receive data from server", which SQLAlchemy reads as a disconnect: the pool discards the connection
-    and the request gets 503.
-    """
-    connecting = connection.status == psycopg2.extensions.STATUS_SETUP
-    timeout = _deadline_of(connection, connecting)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        state = connection.poll()
-        if state == psycopg2.extensions.POLL_OK:
-            return
-        if state == psycopg2.extensions.POLL_READ:
-            events = select.POLLIN
-        elif state == psycopg2.extensions.POLL_WRITE:
-            events = select.POLLOUT
-        else:
-            raise psycopg2.OperationalError(f"unexpected poll state {state}")
-        poller = select.poll()
-        poller.register(connection.fileno(), events)  # libpq may change sockets while connecting
-        if deadline is None:
-            poller.poll()
-            continue
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not poller.poll(remaining * 1000):
-            if time.monotonic() >= deadline:
-                _shut_down(connection)
-                phase = "connecting" if connecting else "waiting for a result"
-                raise psycopg2.OperationalError(
-                    f"could not receive data from server: no answer within {timeout:g} s while {phase}"
-                )
-
-
-def _deadline_of(connection: Any, connecting: bool) -> float | None:
-    if isinstance(connection, DeadlineConnection):
-        return connection.connect_deadline if connecting else connection.io_deadline
-    if not connecting:
-        return None
-    # Someone else's connection (migrations, scripts): keep libpq's connect_timeout, which this mode would ignore.
-    try:
-        seconds = int(psycopg2.extensions.parse_dsn(connection.dsn).get("connect_timeout", ""))
-    except ValueError:
-        return None
-    return seconds if seconds > 0 else None
-
-
-def _shut_down(connection: Any) -> None:
-    """Shut the connection's socket down without closing the descriptor, which libpq still owns."""
-    try:
-        with socket.socket(fileno=os.dup(connection.fileno())) as sock:
-            sock.shutdown(socket.SHUT_RDWR)
-    except (OSError, psycopg2.Error):
-        pass
-
-
-def _fix_sqlite_transactions(engine: Engine) -> None:
-    """Let SQLAlchemy own BEGIN, so savepoints work (pysqlite otherwise defers and drops them)."""
-
-    @event.listens_for(engine, "connect")
-    def on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None
-        dbapi_connection.execute("PRAGMA journal_mode=WAL")
-        dbapi_connection.execute("PRAGMA busy_timeout=5000")
-
-    @event.listens_for(engine, "begin")
-    def on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN")
-
-
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -207,12 +103,10 @@ class Database:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.sessionmaker: sessionmaker[Session] | None = sessionmaker(bind=engine, expire_on_commit=False)
-        # Reads run in autocommit on PostgreSQL: no BEGIN and ROLLBACK round trips around each GET. Nothing is
-        # lost: under PostgreSQL's READ COMMITTED every statement takes its own snapshot inside a transaction too.
-        self.read_sessionmaker: sessionmaker[Session] | None = None
-        if engine.dialect.name == "postgresql":
-            autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
-            self.read_sessionmaker = sessionmaker(bind=autocommit, expire_on_commit=False)
+        # Reads run in autocommit: no BEGIN and ROLLBACK round trips around each GET. Nothing is lost: under
+        # PostgreSQL's READ COMMITTED every statement takes its own snapshot inside a transaction too.
+        autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.read_sessionmaker: sessionmaker[Session] | None = sessionmaker(bind=autocommit, expire_on_commit=False)
 
     def new_session(self, read_only: bool) -> Session:
         maker = (self.read_sessionmaker if read_only else None) or self.sessionmaker
@@ -221,8 +115,25 @@ class Database:
 
 
 def init_app(app: Flask) -> None:
-    app.extensions["db"] = Database(make_engine(app.config["DATABASE_URL"], app.config))
+    engine = make_engine(app.config["DATABASE_URL"], app.config)
+    app.extensions["db"] = Database(engine)
     app.teardown_appcontext(remove_session)
+    forget_pool_after_fork(engine)
+
+
+def forget_pool_after_fork(engine: Engine) -> None:
+    """A forked child (gunicorn's workers, with preload_app) starts with an empty pool.
+
+    A socket shared by two processes corrupts both sides. close=False forgets the inherited connections without
+    sending a terminate message over sockets the parent still owns (SQLAlchemy's recipe for os.fork()).
+    """
+    engine_ref = weakref.ref(engine)  # an app dropped by its owner (tests) is not kept alive by the hook
+
+    def forget() -> None:
+        if (alive := engine_ref()) is not None:
+            alive.dispose(close=False)
+
+    os.register_at_fork(after_in_child=forget)
 
 
 def get_db() -> Database:

@@ -9,7 +9,7 @@ from flask import Flask, Response, g, jsonify
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm.exc import StaleDataError
-from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +68,18 @@ def error_response(status: int, detail: str | None = None, headers: dict[str, st
     return response
 
 
-def handle_http_exception(error: HTTPException) -> Response:
+def http_error_response(error: HTTPException) -> Response:
+    """The envelope for an HTTP error, with the headers its class defines (Allow, WWW-Authenticate...) and those
+    given to abort(); TodoApi.handle_http_exception, flask-smorest's hook, answers with it."""
     status = error.code or 500
     data = getattr(error, "data", None) or {}
-    headers = dict(data.get("headers") or {})
+    headers = {name: value for name, value in error.get_headers() if name.lower() != "content-type"}
+    headers.update(data.get("headers") or {})
     if status == 304:
         return Response(status=304, headers=headers)
-    if status >= 500 and isinstance(error, InternalServerError) and error.original_exception is not None:
-        return handle_unexpected(error.original_exception)
-    if status == 405 and getattr(error, "valid_methods", None):
-        headers["Allow"] = ", ".join(error.valid_methods)
-    if status == 422:
-        return error_response(422, data.get("message"), headers, flatten_validation_errors(data.get("messages")))
     detail = data.get("message") or DEFAULT_DETAILS.get(status) or error.name
-    return error_response(status, detail, headers)
+    errors = flatten_validation_errors(data.get("messages")) if status == 422 else None
+    return error_response(status, detail, headers, errors)
 
 
 def handle_database_error(error: SQLAlchemyError) -> Response:
@@ -103,6 +101,6 @@ def handle_unexpected(error: BaseException) -> Response:
 
 
 def init_app(app: Flask) -> None:
-    app.register_error_handler(HTTPException, handle_http_exception)
+    """Errors that are not HTTP errors; those get the envelope from TodoApi.handle_http_exception."""
     app.register_error_handler(SQLAlchemyError, handle_database_error)
     app.register_error_handler(Exception, handle_unexpected)

@@ -20,18 +20,15 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
-    exists,
     func,
     not_,
     or_,
     select,
-    type_coerce,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
-from .models import PRIORITIES, PRIORITY_RANK, TITLE_KEY, Task, TaskCount, UTCDateTime, utcnow
+from .models import PRIORITIES, PRIORITY_RANK, TASK_COLUMNS, TITLE_KEY, Task, TaskCount, UTCDateTime, utcnow
 
 SORT_KEYS: dict[str, ColumnElement[Any]] = {
     "created_at": Task.created_at,
@@ -75,45 +72,38 @@ def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _has_tags(dialect: str, tags: list[str]) -> ColumnElement[bool]:
-    if dialect == "postgresql":
-        return type_coerce(Task.tags, JSONB).contains(tags)
-    # SQLite: one EXISTS over json_each per tag.
-    conditions = []
-    for tag in tags:
-        values = func.json_each(Task.tags).table_valued("value")
-        conditions.append(exists(select(1).select_from(values).where(values.c.value == tag)))
-    return and_(*conditions)
-
-
 def _overdue(now: datetime) -> ColumnElement[bool]:
     # The IS NOT NULL keeps the expression two-valued, so NOT(overdue) includes tasks without a due date.
     return and_(Task.due_date.is_not(None), Task.due_date < now, Task.status != "completed")
 
 
-def _filters(dialect: str, params: dict[str, Any]) -> list[ColumnElement[bool]]:
+def _text_matches(text: str) -> ColumnElement[bool]:
+    pattern = f"%{_escape_like(text)}%"
+    return or_(Task.title.ilike(pattern, escape="\\"), Task.description.ilike(pattern, escape="\\"))
+
+
+def _true_or_not(condition: ColumnElement[bool], wanted: bool) -> ColumnElement[bool]:
+    return condition if wanted else not_(condition)
+
+
+# Each list parameter and the condition it puts on the tasks; a parameter that is absent or None adds none.
+FILTERS: dict[str, Any] = {
+    "completed": lambda value: _true_or_not(Task.status == "completed", value),
+    "status": lambda value: None if value == "all" else Task.status == value,
+    "priority": lambda values: Task.priority.in_(values) if values else None,
+    # JSONB containment (@>): every tag given, served by a GIN index if one is ever added.
+    "tag": lambda tags: Task.tags.contains(list(dict.fromkeys(tags))) if tags else None,
+    "q": lambda text: _text_matches(text) if text else None,
+    "due_before": lambda moment: Task.due_date < moment,
+    "due_after": lambda moment: Task.due_date >= moment,
+    "overdue": lambda value: _true_or_not(_overdue(utcnow()), value),
+}
+
+
+def _filters(params: dict[str, Any]) -> list[ColumnElement[bool]]:
     """Turn validated list parameters into WHERE conditions."""
-    conditions: list[ColumnElement[bool]] = []
-    if params.get("completed") is not None:
-        is_done = Task.status == "completed"
-        conditions.append(is_done if params["completed"] else not_(is_done))
-    if params.get("status", "all") != "all":
-        conditions.append(Task.status == params["status"])
-    if params.get("priority"):
-        conditions.append(Task.priority.in_(params["priority"]))
-    if params.get("tag"):
-        conditions.append(_has_tags(dialect, list(dict.fromkeys(params["tag"]))))
-    if params.get("q"):
-        pattern = f"%{_escape_like(params['q'])}%"
-        conditions.append(or_(Task.title.ilike(pattern, escape="\\"), Task.description.ilike(pattern, escape="\\")))
-    if params.get("due_before") is not None:
-        conditions.append(Task.due_date < params["due_before"])
-    if params.get("due_after") is not None:
-        conditions.append(Task.due_date >= params["due_after"])
-    if params.get("overdue") is not None:
-        overdue = _overdue(utcnow())
-        conditions.append(overdue if params["overdue"] else not_(overdue))
-    return conditions
+    conditions = (make(params[name]) for name, make in FILTERS.items() if params.get(name) is not None)
+    return [condition for condition in conditions if condition is not None]
 
 
 def _ordering(sort: str, order: str) -> list[ColumnElement[Any]]:
@@ -133,7 +123,7 @@ def _unfiltered_page(sort: str, order: str) -> Select[Any]:
     """The page query of an unfiltered list, with the user's total; built once per ordering, as it is the hot path:
     SQLAlchemy then skips building the expression, its cache key and the adaptation of its cached result columns."""
     return (
-        select(*Task.__table__.columns, USER_TOTAL.scalar_subquery().label("user_total"))
+        select(*TASK_COLUMNS, USER_TOTAL.scalar_subquery().label("user_total"))
         .where(Task.user_id == bindparam("user_id"))
         .order_by(*_ordering(sort, order))
         .limit(bindparam("page_size"))
@@ -143,37 +133,43 @@ def _unfiltered_page(sort: str, order: str) -> Select[Any]:
 
 def list_tasks(
     session: Session, user_id: str, params: dict[str, Any], *, page: int, page_size: int
-) -> tuple[Sequence[Row[Any]], int]:
-    """One page of the user's tasks, filtered and ordered, and the total under the same filters.
+) -> tuple[list[Sequence[Any]], int]:
+    """One page of the user's tasks (rows of TASK_COLUMNS), filtered and ordered, and the total under the filters.
 
     Core rows rather than ORM objects: a 1,000-task page is read-only and this halves its cost. Without filters the
     total is the user's row in task_counts, read by the page's own query (one round trip, one snapshot). With
     filters it is counted (a scan of the user's matching rows), and only when the page cannot tell it: a page that
     is neither full nor empty ends the list, so the total is its offset plus its length.
     """
-    filters = _filters(session.get_bind().dialect.name, params)
+    filters = _filters(params)
     sort, order = params.get("sort", "created_at"), params.get("order", "desc")
     offset = (page - 1) * page_size
-    rows: Sequence[Row[Any]] = []
-    if offset < MAX_OFFSET:  # beyond, no database accepts the OFFSET and no user has that many tasks
-        connection = session.connection()
-        if filters:
-            query = (
-                select(*Task.__table__.columns)
-                .where(Task.user_id == user_id, *filters)
-                .order_by(*_ordering(sort, order))
-                .limit(page_size)
-                .offset(offset)
-            )
-            rows = connection.execute(query).all()
-        else:
-            bounds = {"user_id": user_id, "page_size": page_size, "offset": offset}
-            rows = connection.execute(_unfiltered_page(sort, order), bounds).all()
+    if offset >= MAX_OFFSET:  # no database accepts such an OFFSET, and no user has that many tasks
+        return [], _count(session, user_id, filters)
+    total = None
+    if filters:
+        query = (
+            select(*TASK_COLUMNS)
+            .where(Task.user_id == user_id, *filters)
+            .order_by(*_ordering(sort, order))
+            .limit(page_size)
+            .offset(offset)
+        )
+        rows = list(session.connection().execute(query))
+    else:
+        bounds = {"user_id": user_id, "page_size": page_size, "offset": offset}
+        page_rows = session.connection().execute(_unfiltered_page(sort, order), bounds).all()
+        rows = [row[:-1] for row in page_rows]  # the user's total rides as the last column
+        total = page_rows[0][-1] if page_rows else None
     if 0 < len(rows) < page_size:
         return rows, offset + len(rows)
+    return rows, total if total is not None else _count(session, user_id, filters)
+
+
+def _count(session: Session, user_id: str, filters: list[ColumnElement[bool]]) -> int:
     if not filters:
-        return rows, rows[0].user_total if rows else session.scalar(USER_TOTAL, {"user_id": user_id}) or 0
-    return rows, session.scalar(select(func.count()).select_from(Task).where(Task.user_id == user_id, *filters)) or 0
+        return session.scalar(USER_TOTAL, {"user_id": user_id}) or 0
+    return session.scalar(select(func.count()).select_from(Task).where(Task.user_id == user_id, *filters)) or 0
 
 
 def summarize(session: Session, user_id: str) -> dict[str, Any]:
@@ -199,13 +195,13 @@ def summarize(session: Session, user_id: str) -> dict[str, Any]:
 
 
 # Built once: SQLAlchemy then reuses its compiled form without rebuilding the expression or its cache key.
-READ_TASK = select(*Task.__table__.columns).where(Task.id == bindparam("task_id"), Task.user_id == bindparam("user_id"))
+READ_TASK = select(*TASK_COLUMNS).where(Task.id == bindparam("task_id"), Task.user_id == bindparam("user_id"))
 LOAD_TASK = select(Task).where(Task.id == bindparam("task_id"), Task.user_id == bindparam("user_id"))
 LOCK_TASK = LOAD_TASK.with_for_update()  # for If-Match: the row stays as checked until the write commits
 
 
 def read_task(session: Session, user_id: str, task_id: uuid.UUID) -> Row[Any]:
-    """The user's task as a Core row, for reads: no ORM object to build, track and discard."""
+    """The user's task as a Core row of TASK_COLUMNS, for reads: no ORM object to build, track and discard."""
     row = session.connection().execute(READ_TASK, {"task_id": task_id, "user_id": user_id}).first()
     if row is None:
         raise TaskNotFound(task_id)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any
 
 from marshmallow import (
@@ -16,9 +18,8 @@ from marshmallow import (
     validate,
     validates_schema,
 )
-from sqlalchemy import Row
 
-from .models import PRIORITIES, STATUSES
+from .models import PRIORITIES, STATUSES, TASK_COLUMNS, Task
 
 SERVER_MANAGED = ("id", "user_id", "created_at", "updated_at", "completed_at")
 MAX_TAGS = 20
@@ -137,7 +138,7 @@ class TaskCreateSchema(TaskWriteSchema):
 def _task_dict(
     task_id: Any, user_id: str, title: str, description: str | None, status: str, priority: str,
     due_date: datetime | None, tags: list[str], completed_at: datetime | None, created_at: datetime,
-    updated_at: datetime, *_more: Any,
+    updated_at: datetime,
 ) -> dict[str, Any]:
     completed = status == "completed"
     return {
@@ -148,19 +149,17 @@ def _task_dict(
     }
 
 
-def task_to_dict(task: Any) -> dict[str, Any]:
-    """TaskSchema's output, written out, for a Task object or a Core row of the tasks table (columns in table order,
-    as the byte-for-byte test against marshmallow checks).
+_task_values = attrgetter(*(column.key for column in TASK_COLUMNS))
+
+
+def task_to_dict(task: Task | Sequence[Any]) -> dict[str, Any]:
+    """TaskSchema's output, written out, for a Task or for a row of exactly TASK_COLUMNS (a row with any other
+    columns is a TypeError, not a silently wrong task).
 
     The id and datetimes stay objects: orjson writes them in C exactly as marshmallow's fields would (str(uuid),
     isoformat()), and tests check the JSON is byte for byte marshmallow's. A 50-task page: ~0.4 ms -> ~0.04 ms.
     """
-    if isinstance(task, Row):
-        return _task_dict(*task)
-    return _task_dict(
-        task.id, task.user_id, task.title, task.description, task.status, task.priority, task.due_date, task.tags,
-        task.completed_at, task.created_at, task.updated_at,
-    )
+    return _task_dict(*(_task_values(task) if isinstance(task, Task) else task))
 
 
 class TaskSchema(Schema):

@@ -1,4 +1,4 @@
-"""HTTP plumbing: orjson, trailing slashes, CORS, cache and security headers."""
+"""HTTP plumbing: orjson, CORS, cache and security headers, Swagger UI's files."""
 
 from __future__ import annotations
 
@@ -6,20 +6,17 @@ import base64
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterable
 from datetime import date, datetime, time
 from typing import Any
 
 import orjson
-from flask import Flask, Response, abort, request, send_from_directory
+from flask import Flask, Response, request, send_from_directory
 from flask.json.provider import JSONProvider
 from flask_cors import CORS
 from swagger_ui_bundle import swagger_ui_path
-from werkzeug.routing import RequestRedirect
 
 SWAGGER_ASSETS_URL = "/docs/assets/"
 SWAGGER_UI_ENDPOINT = "api-docs.openapi_swagger_ui"  # flask-smorest's view of OPENAPI_SWAGGER_UI_PATH
-WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
 def to_json(obj: Any, option: int = 0) -> bytes:
@@ -50,23 +47,6 @@ class OrjsonProvider(JSONProvider):
     def response(self, *args: Any, **kwargs: Any) -> Response:
         obj = self._prepare_response_obj(args, kwargs)
         return self._app.response_class(to_json(obj), mimetype="application/json")
-
-
-class StripTrailingSlash:
-    """Every path works with or without a trailing slash, with no redirect.
-
-    One slash only: /api/u/tasks/%2F (a task id "/", decoded by the server to tasks//) is an unknown task, 404,
-    not the list.
-    """
-
-    def __init__(self, app: WSGIApp) -> None:
-        self.app = app
-
-    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        if len(path) > 1 and path.endswith("/"):
-            environ["PATH_INFO"] = path[:-1]
-        return self.app(environ, start_response)
 
 
 def add_api_cache_headers(response: Response) -> Response:
@@ -115,16 +95,7 @@ def add_security_headers(response: Response) -> Response:
     return response
 
 
-def refuse_redirects() -> None:
-    """Werkzeug's router redirects some URLs to a canonical one (/api/u//tasks to /api/u/tasks) with an HTML page;
-    the contract never redirects, so such a URL is unknown: 404 with the JSON envelope."""
-    if isinstance(request.routing_exception, RequestRedirect):
-        abort(404)
-
-
 def init_app(app: Flask) -> None:
-    app.wsgi_app = StripTrailingSlash(app.wsgi_app)  # type: ignore[method-assign]
-    app.before_request(refuse_redirects)
     CORS(
         app,
         resources={r"/api/*": {"origins": app.config["FRONTEND_URL"]}},

@@ -15,7 +15,7 @@ down_revision = '0002'
 branch_labels = None
 depends_on = None
 
-# PostgreSQL: statement-level triggers with transition tables, so a bulk insert (flask seed) updates each user's
+# Statement-level triggers with transition tables, so a bulk insert (flask seed) updates each user's
 # count once per statement. Users are locked in user_id order, so concurrent multi-user statements cannot deadlock.
 POSTGRESQL_UP = [
     """
@@ -74,49 +74,22 @@ POSTGRESQL_DOWN = [
     "DROP FUNCTION task_counts_add()",
 ]
 
-SQLITE_UP = [
-    """
-    CREATE TRIGGER task_counts_insert AFTER INSERT ON tasks BEGIN
-        INSERT INTO task_counts (user_id, total) VALUES (NEW.user_id, 1)
-        ON CONFLICT (user_id) DO UPDATE SET total = total + 1;
-    END
-    """,
-    """
-    CREATE TRIGGER task_counts_delete AFTER DELETE ON tasks BEGIN
-        UPDATE task_counts SET total = total - 1 WHERE user_id = OLD.user_id;
-    END
-    """,
-    """
-    CREATE TRIGGER tasks_keep_owner BEFORE UPDATE OF user_id ON tasks WHEN OLD.user_id IS NOT NEW.user_id BEGIN
-        SELECT RAISE(ABORT, 'a task''s user_id cannot change');
-    END
-    """,
-]
-SQLITE_DOWN = [
-    "DROP TRIGGER tasks_keep_owner",
-    "DROP TRIGGER task_counts_delete",
-    "DROP TRIGGER task_counts_insert",
-]
-
 
 def upgrade():
-    postgresql = op.get_bind().dialect.name == 'postgresql'
     op.create_table(
         'task_counts',
         sa.Column('user_id', sa.String(length=255), nullable=False),
         sa.Column('total', sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint('user_id', name=op.f('pk_task_counts')),
     )
-    if postgresql:
-        # No write may slip between the triggers' creation and the backfill.
-        op.execute("LOCK TABLE tasks IN SHARE ROW EXCLUSIVE MODE")
-    for statement in POSTGRESQL_UP if postgresql else SQLITE_UP:
+    # No write may slip between the triggers' creation and the backfill.
+    op.execute("LOCK TABLE tasks IN SHARE ROW EXCLUSIVE MODE")
+    for statement in POSTGRESQL_UP:
         op.execute(statement)
     op.execute("INSERT INTO task_counts (user_id, total) SELECT user_id, count(*) FROM tasks GROUP BY user_id")
 
 
 def downgrade():
-    postgresql = op.get_bind().dialect.name == 'postgresql'
-    for statement in POSTGRESQL_DOWN if postgresql else SQLITE_DOWN:
+    for statement in POSTGRESQL_DOWN:
         op.execute(statement)
     op.drop_table('task_counts')
