@@ -41,11 +41,20 @@ blp = Blueprint("me", __name__, url_prefix="/api/me", description="The signed-in
 
 
 class TokenError(Exception):
-    """A token that must be answered with 401 and this message."""
+    """A request that must be answered with 401, this message and this challenge."""
 
-    def __init__(self, message: str) -> None:
+    challenge = 'Bearer error="invalid_token"'  # a token was sent (RFC 6750 §3.1)
+
+    def __init__(self, message: str = INVALID_TOKEN) -> None:
         super().__init__(message)
         self.message = message
+
+
+class MissingToken(TokenError):
+    challenge = "Bearer"
+
+    def __init__(self) -> None:
+        super().__init__(MISSING_TOKEN)
 
 
 def is_user_id(value: Any) -> bool:
@@ -160,7 +169,7 @@ class Authenticator:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
-            raise TokenError(INVALID_TOKEN) from None
+            raise TokenError() from None
         alg, kid = header.get("alg"), header.get("kid")
         if alg == "HS256" and self.secret:
             return verify(token, self.secret, ["HS256"], self.hs256_issuers, self.hs256_audiences, self.leeway)
@@ -180,38 +189,38 @@ def decode_token(token: str) -> dict[str, Any]:
     return authenticator.decode(token)
 
 
-def load_user() -> None:
-    """Decode the bearer token, if any, into g.claims / g.user_id; remember why it failed otherwise."""
-    g.claims = g.user_id = g.auth_error = g.auth_retry_after = None
-    if not request.path.startswith("/api/"):
-        return
+def bearer_token() -> str:
+    """The request's bearer token, or TokenError."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if not header:
-        g.auth_error = MISSING_TOKEN
-    elif scheme.lower() != "bearer" or not token.strip() or len(token) > MAX_TOKEN_LENGTH:
-        g.auth_error = INVALID_TOKEN
+        raise MissingToken()
+    if scheme.lower() != "bearer" or not token.strip() or len(token) > MAX_TOKEN_LENGTH:
+        raise TokenError()
+    return token.strip()
+
+
+def load_user() -> None:
+    """Decode the bearer token, if any, into g.claims / g.user_id; keep why it failed in g.auth_error otherwise."""
+    g.claims = g.user_id = g.auth_error = None
+    if not request.path.startswith("/api/"):
+        return
+    try:
+        g.claims = decode_token(bearer_token())
+    except (TokenError, JWKSUnavailable) as error:
+        g.auth_error = error
     else:
-        try:
-            g.claims = decode_token(token.strip())
-        except TokenError as error:
-            g.auth_error = error.message
-        except JWKSUnavailable as error:
-            g.auth_error, g.auth_retry_after = AUTH_UNAVAILABLE, error.retry_after
-        else:
-            g.user_id = g.claims["sub"]
+        g.user_id = g.claims["sub"]
 
 
 def require_user() -> None:
     """Guard for API blueprints: 401 (or 503) unless the loader found a valid token. Preflights pass through."""
-    if request.method == "OPTIONS":
+    if request.method == "OPTIONS" or g.get("user_id") is not None:
         return
-    if g.get("user_id") is None:
-        message = g.get("auth_error") or MISSING_TOKEN
-        if message == AUTH_UNAVAILABLE:
-            abort(503, message=message, headers={"Retry-After": str(g.auth_retry_after)})
-        challenge = "Bearer" if message == MISSING_TOKEN else 'Bearer error="invalid_token"'
-        abort(401, message=message, headers={"WWW-Authenticate": challenge})
+    error = g.get("auth_error") or MissingToken()
+    if isinstance(error, JWKSUnavailable):
+        abort(503, message=AUTH_UNAVAILABLE, headers={"Retry-After": str(error.retry_after)})
+    abort(401, message=error.message, headers={"WWW-Authenticate": error.challenge})
 
 
 def require_path_user() -> None:
