@@ -33,6 +33,11 @@ def alembic_config(url: str | None = None) -> AlembicConfig:
     return config
 
 
+def migrate(url: str) -> None:
+    """Upgrade the database at `url` to the latest schema."""
+    command.upgrade(alembic_config(url), "head")
+
+
 db_group = AppGroup("db", help="Database migrations (Alembic).")
 
 
