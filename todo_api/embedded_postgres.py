@@ -64,6 +64,7 @@ class EmbeddedPostgres:
     def __init__(self, data_dir: Path, port: int, *, durable: bool = True) -> None:
         self.data_dir = data_dir
         self.port = port
+        self.durable = durable
         self.options = SERVER_OPTIONS if durable else SERVER_OPTIONS + NO_DURABILITY
         self.bin_dir = _bin_dir()
         self.run_as = _unprivileged_account() if os.geteuid() == 0 else {}
@@ -83,7 +84,8 @@ class EmbeddedPostgres:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             if self.run_as:
                 os.chown(self.data_dir, self.run_as["user"], self.run_as["group"])
-            self._run("initdb", "-D", self.data_dir, "-U", DB_USER, *INITDB_OPTIONS)
+            no_sync = () if self.durable else ("--no-sync",)
+            self._run("initdb", "-D", self.data_dir, "-U", DB_USER, *INITDB_OPTIONS, *no_sync)
         self.stop_leftover()
         if port_open("127.0.0.1", self.port):
             raise EmbeddedPostgresError(
