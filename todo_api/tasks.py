@@ -10,7 +10,6 @@ from typing import Any
 import flask_smorest
 from flask import Response, request, url_for
 from flask.views import MethodView
-from flask_smorest import abort
 from flask_smorest.etag import _get_etag_ctx
 from flask_smorest.exceptions import NotModified
 from flask_smorest.pagination import PaginationParameters
@@ -18,6 +17,7 @@ from flask_smorest.pagination import PaginationParameters
 from . import repositories as repo
 from .auth import require_path_user
 from .db import get_session
+from .errors import error_response
 from .models import Task
 from .parser import JSONParser
 from .schemas import (
@@ -131,6 +131,12 @@ class TaskSummary(MethodView):
         return repo.summarize(get_session(), user_id)
 
 
+@blp.errorhandler(repo.TaskNotFound)
+def task_not_found(_error: repo.TaskNotFound) -> Response:
+    """An unknown task, or another user's: one 404 for every view of the blueprint."""
+    return error_response(404, TASK_NOT_FOUND)
+
+
 @blp.route("/<uuid:task_id>")
 class TaskById(MethodView):
     @blp.etag
@@ -138,10 +144,7 @@ class TaskById(MethodView):
     @blp.response(200, TaskSchema)
     def get(self, user_id: str, task_id: uuid.UUID) -> Any:
         """Get one task (ETag; If-None-Match gives 304)."""
-        try:
-            return repo.read_task(get_session(), user_id, task_id)
-        except repo.TaskNotFound:
-            abort(404, message=TASK_NOT_FOUND)
+        return repo.read_task(get_session(), user_id, task_id)
 
     @blp.etag
     @blp.errors(400, 401, 403, 404, 413, 415, 503)
@@ -165,10 +168,7 @@ class TaskById(MethodView):
     def delete(self, user_id: str, task_id: uuid.UUID) -> Response:
         """Delete a task (If-Match honoured)."""
         session = get_session()
-        try:
-            repo.delete_task(session, _find_unchanged(user_id, task_id))
-        except repo.TaskNotFound:
-            abort(404, message=TASK_NOT_FOUND)
+        repo.delete_task(session, _find_unchanged(user_id, task_id))
         session.commit()
         return no_content()
 
@@ -186,24 +186,14 @@ class TaskCompletion(MethodView):
             _find_unchanged(user_id, task_id)
         else:
             blp.check_etag(None)
-        try:
-            task = repo.set_completed(session, user_id, task_id, body.get("completed"))
-        except repo.TaskNotFound:
-            abort(404, message=TASK_NOT_FOUND)
+        task = repo.set_completed(session, user_id, task_id, body.get("completed"))
         session.commit()
         return task
 
 
-def _find(user_id: str, task_id: uuid.UUID, *, lock: bool = False) -> Task:
-    try:
-        return repo.get_task(get_session(), user_id, task_id, for_update=lock)
-    except repo.TaskNotFound:
-        abort(404, message=TASK_NOT_FOUND)
-
-
 def _find_unchanged(user_id: str, task_id: uuid.UUID) -> Task:
     """The task, locked and compared with If-Match when the client sent one: 412 if it changed since."""
-    task = _find(user_id, task_id, lock=bool(request.if_match))
+    task = repo.get_task(get_session(), user_id, task_id, for_update=bool(request.if_match))
     blp.check_etag(task, TaskSchema)
     return task
 
