@@ -8,16 +8,16 @@ from http import HTTPStatus
 from typing import Any
 
 import flask_smorest
-from flask import Response, request, url_for
+from flask import Response, url_for
 from flask.views import MethodView
-from flask_smorest import abort
-from flask_smorest.etag import _get_etag_ctx
-from flask_smorest.exceptions import NotModified
 from flask_smorest.pagination import PaginationParameters
+from werkzeug.http import quote_etag
 
+from . import conditional
 from . import repositories as repo
 from .auth import require_path_user
 from .db import get_session
+from .errors import error_response
 from .models import Task
 from .parser import JSONParser
 from .schemas import (
@@ -27,35 +27,17 @@ from .schemas import (
     TaskListQuerySchema,
     TaskSchema,
     TaskWriteSchema,
+    task_to_dict,
 )
 
 TASK_NOT_FOUND = "Task not found"
-OPTIONAL_IF_MATCH = {
-    "name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"},
-    "description": "ETag from a previous response: 412 if the task changed since.",
-}
+ETAG_DOC = {"ETag": conditional.ETAG}
 
 
 class Blueprint(flask_smorest.Blueprint):
-    """flask-smorest's ETag support, with If-Match optional (the contract asks for 412, never 428)."""
+    """flask-smorest's, with the JSON-object body parser and decorators documenting errors and preconditions."""
 
     ARGUMENTS_PARSER = PAGINATION_ARGUMENTS_PARSER = JSONParser()
-
-    def _check_precondition(self) -> None:
-        pass
-
-    def check_etag(self, etag_data: Any, etag_schema: Any = None) -> None:
-        if request.if_match:
-            super().check_etag(etag_data, etag_schema)
-        else:
-            _get_etag_ctx()["etag_checked"] = True
-
-    def _prepare_etag_doc(self, doc: dict[str, Any], doc_info: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        doc = super()._prepare_etag_doc(doc, doc_info, **kwargs)
-        doc.get("responses", {}).pop(428, None)
-        if "parameters" in doc:
-            doc["parameters"] = [OPTIONAL_IF_MATCH if p == "IF_MATCH" else p for p in doc["parameters"]]
-        return doc
 
     @staticmethod
     def _make_pagination_metadata(page: int, page_size: int, item_count: int) -> dict[str, int]:
@@ -82,12 +64,20 @@ class Blueprint(flask_smorest.Blueprint):
 
         return decorator
 
-    def _check_not_modified(self, etag: str) -> None:
-        # A 304 carries the ETag it validated.
-        if request.method in self.METHODS_CHECKING_NOT_MODIFIED and etag in request.if_none_match:
-            not_modified = NotModified()
-            not_modified.data = {"headers": {"ETag": f'"{etag}"'}}
-            raise not_modified
+    def preconditions(self, *, not_modified: bool = False) -> Callable[[Any], Any]:
+        """Document the optional If-Match and If-None-Match headers and their 412, and on reads the 304 (the view
+        evaluates them: see conditional.py). The operation's parameters are these two: its path parameters are
+        documented on the path, and its body as the request body."""
+
+        def decorator(func: Any) -> Any:
+            func = self.doc(parameters=[conditional.IF_MATCH, conditional.IF_NONE_MATCH])(func)
+            func = self.errors(412)(func)
+            if not_modified:
+                func = self.alt_response(304, description="Not Modified: If-None-Match matched (no body)",
+                                         headers=ETAG_DOC)(func)
+            return func
+
+        return decorator
 
 
 blp = Blueprint(
@@ -131,88 +121,92 @@ class TaskSummary(MethodView):
         return repo.summarize(get_session(), user_id)
 
 
+@blp.errorhandler(repo.TaskNotFound)
+def task_not_found(_error: repo.TaskNotFound) -> Response:
+    """An unknown task, or another user's, whatever the preconditions."""
+    return error_response(404, TASK_NOT_FOUND)
+
+
 @blp.route("/<uuid:task_id>")
 class TaskById(MethodView):
-    @blp.etag
+    @blp.preconditions(not_modified=True)
     @blp.errors(401, 403, 404, 503)
-    @blp.response(200, TaskSchema)
+    @blp.response(200, TaskSchema, headers=ETAG_DOC)
     def get(self, user_id: str, task_id: uuid.UUID) -> Any:
         """Get one task (ETag; If-None-Match gives 304)."""
-        try:
-            return repo.read_task(get_session(), user_id, task_id)
-        except repo.TaskNotFound:
-            abort(404, message=TASK_NOT_FOUND)
+        task = repo.read_task(get_session(), user_id, task_id)
+        etag = task_etag(task)
+        conditional.evaluate(etag)
+        return with_etag(task, etag)
 
-    @blp.etag
+    @blp.preconditions()
     @blp.errors(400, 401, 403, 404, 413, 415, 503)
     @blp.arguments(TaskWriteSchema, required=False)  # optional: no body changes no field
-    @blp.response(200, TaskSchema)
+    @blp.response(200, TaskSchema, headers=ETAG_DOC)
     def put(self, changes: dict[str, Any], user_id: str, task_id: uuid.UUID) -> Any:
         """Update the fields sent (If-Match gives 412 when stale)."""
         return _update(user_id, task_id, changes)
 
-    @blp.etag
+    @blp.preconditions()
     @blp.errors(400, 401, 403, 404, 413, 415, 503)
     @blp.arguments(TaskWriteSchema, required=False)  # optional: no body changes no field
-    @blp.response(200, TaskSchema)
+    @blp.response(200, TaskSchema, headers=ETAG_DOC)
     def patch(self, changes: dict[str, Any], user_id: str, task_id: uuid.UUID) -> Any:
         """Update the fields sent; same as PUT."""
         return _update(user_id, task_id, changes)
 
-    @blp.etag
+    @blp.preconditions()
     @blp.errors(401, 403, 404, 503)
     @blp.response(204)
     def delete(self, user_id: str, task_id: uuid.UUID) -> Response:
         """Delete a task (If-Match honoured)."""
         session = get_session()
-        try:
-            repo.delete_task(session, _find_unchanged(user_id, task_id))
-        except repo.TaskNotFound:
-            abort(404, message=TASK_NOT_FOUND)
+        repo.delete_task(session, _find_unchanged(user_id, task_id))
         session.commit()
         return no_content()
 
 
 @blp.route("/<uuid:task_id>/complete")
 class TaskCompletion(MethodView):
-    @blp.etag
+    @blp.preconditions()
     @blp.errors(400, 401, 403, 404, 413, 415, 503)
     @blp.arguments(CompletionSchema, required=False)
-    @blp.response(200, TaskSchema)
+    @blp.response(200, TaskSchema, headers=ETAG_DOC)
     def patch(self, body: dict[str, Any], user_id: str, task_id: uuid.UUID) -> Any:
         """Toggle completion atomically, or set it with {"completed": true|false}."""
         session = get_session()
-        if request.if_match:
-            _find_unchanged(user_id, task_id)
-        else:
-            blp.check_etag(None)
-        try:
-            task = repo.set_completed(session, user_id, task_id, body.get("completed"))
-        except repo.TaskNotFound:
-            abort(404, message=TASK_NOT_FOUND)
+        if conditional.requested():
+            _find_unchanged(user_id, task_id)  # the row stays locked, as checked, until the UPDATE commits
+        task = repo.set_completed(session, user_id, task_id, body.get("completed"))
         session.commit()
-        return task
+        return with_etag(task)
 
 
-def _find(user_id: str, task_id: uuid.UUID, *, lock: bool = False) -> Task:
-    try:
-        return repo.get_task(get_session(), user_id, task_id, for_update=lock)
-    except repo.TaskNotFound:
-        abort(404, message=TASK_NOT_FOUND)
+def task_etag(task: Any) -> str:
+    """The task's strong ETag, from its representation (a Task or a Core row): it changes with updated_at."""
+    return conditional.etag(task_to_dict(task))
+
+
+def with_etag(task: Any, etag: str | None = None) -> tuple[Any, dict[str, str]]:
+    """The task and its ETag header, for @blp.response."""
+    return task, {"ETag": quote_etag(etag or task_etag(task))}
 
 
 def _find_unchanged(user_id: str, task_id: uuid.UUID) -> Task:
-    """The task, locked and compared with If-Match when the client sent one: 412 if it changed since."""
-    task = _find(user_id, task_id, lock=bool(request.if_match))
-    blp.check_etag(task, TaskSchema)
+    """The task for a write, after its preconditions: 412 if they fail. A conditional write locks the row
+    (FOR UPDATE) before comparing, so it stays as checked until the write commits."""
+    locked = conditional.requested()
+    task = repo.get_task(get_session(), user_id, task_id, for_update=locked)
+    if locked:
+        conditional.evaluate(task_etag(task))
     return task
 
 
-def _update(user_id: str, task_id: uuid.UUID, changes: dict[str, Any]) -> Task:
+def _update(user_id: str, task_id: uuid.UUID, changes: dict[str, Any]) -> tuple[Any, dict[str, str]]:
     session = get_session()
     task = repo.update_task(session, _find_unchanged(user_id, task_id), changes)
     session.commit()
-    return task
+    return with_etag(task)
 
 
 def no_content() -> Response:
