@@ -7,7 +7,6 @@ from typing import Any
 
 from flask import Flask, Response
 from flask_smorest import Api
-from flask_smorest.pagination import PaginationMetadataSchema
 from werkzeug.exceptions import HTTPException
 
 from . import auth, cli, db, errors, health, observability, tasks, web
@@ -21,14 +20,6 @@ class TodoApi(Api):
     def handle_http_exception(self, error: HTTPException) -> Response:
         """Every HTTP error, from any layer, gets the {"detail": ...} envelope (flask-smorest's documented hook)."""
         return errors.http_error_response(error)
-
-    def _register_pagination_header(self) -> None:
-        # X-Pagination's value is JSON, so OpenAPI 3 documents it with `content`: a `schema` of type object means
-        # the `simple` style ("total,3,page,1"), which is not what is sent.
-        self.spec.components.header("PAGINATION", {
-            "description": "Pagination metadata, as JSON",
-            "content": {"application/json": {"schema": PaginationMetadataSchema}},
-        }, lazy=True)
 
 
 API_SETTINGS: dict[str, Any] = {

@@ -8,7 +8,6 @@ from typing import Any
 from flask import Flask, Response, g, jsonify
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.orm.exc import StaleDataError
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -84,9 +83,6 @@ def http_error_response(error: HTTPException) -> Response:
 
 def handle_database_error(error: SQLAlchemyError) -> Response:
     """Unreachable or dropped database: 503 so clients retry; anything else is a plain 500."""
-    if isinstance(error, StaleDataError):
-        # The ORM's UPDATE matched no row: a concurrent request deleted the task after this one read it.
-        return error_response(404, "Task not found")
     if isinstance(error, OperationalError | PoolTimeoutError) or (
         isinstance(error, DBAPIError) and error.connection_invalidated
     ):

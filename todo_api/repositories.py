@@ -27,6 +27,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
 
 from .models import PRIORITIES, PRIORITY_RANK, TASK_COLUMNS, TITLE_KEY, Task, TaskCount, UTCDateTime, utcnow
 
@@ -226,9 +227,14 @@ def create_task(session: Session, user_id: str, data: dict[str, Any]) -> Task:
 
 
 def update_task(session: Session, task: Task, changes: dict[str, Any]) -> Task:
-    """Apply changes to a task loaded through get_task (so already scoped to its user)."""
+    """Apply changes to a task loaded through get_task (so already scoped to its user); TaskNotFound if a
+    concurrent request deleted it after this one read it (the ORM's UPDATE then matches no row)."""
+    task_id = task.id  # the failed flush expires the object: reading it then would need the dead transaction
     _apply(task, changes, utcnow())
-    session.flush()
+    try:
+        session.flush()
+    except StaleDataError:
+        raise TaskNotFound(task_id) from None
     return task
 
 

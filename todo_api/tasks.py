@@ -10,7 +10,7 @@ from typing import Any
 import flask_smorest
 from flask import Response, url_for
 from flask.views import MethodView
-from flask_smorest.pagination import PaginationParameters
+from flask_smorest.pagination import PaginationMetadataSchema, PaginationParameters
 from werkzeug.http import quote_etag
 
 from . import conditional
@@ -39,6 +39,7 @@ class Blueprint(flask_smorest.Blueprint):
 
     ARGUMENTS_PARSER = PAGINATION_ARGUMENTS_PARSER = JSONParser()
 
+    # The two pagination hooks are the ones flask-smorest's docstrings invite overriding.
     @staticmethod
     def _make_pagination_metadata(page: int, page_size: int, item_count: int) -> dict[str, int]:
         # flask-smorest's, without dumping the plain dict of ints through a new PaginationMetadataSchema each time.
@@ -53,6 +54,14 @@ class Blueprint(flask_smorest.Blueprint):
             if page < last_page:
                 metadata["next_page"] = page + 1
         return metadata
+
+    def _document_pagination_metadata(self, spec: Any, resp_doc: dict[str, Any]) -> None:
+        # X-Pagination's value is JSON, so OpenAPI 3 documents it with `content`: a `schema` of type object means
+        # the `simple` style ("total,3,page,1"), which is not what is sent.
+        resp_doc.setdefault("headers", {})[self.PAGINATION_HEADER_NAME] = {
+            "description": "Pagination metadata, as JSON",
+            "content": {"application/json": {"schema": PaginationMetadataSchema}},
+        }
 
     def errors(self, *statuses: int) -> Callable[[Any], Any]:
         """Document error responses with the envelope (flask-smorest registers one component per status)."""
