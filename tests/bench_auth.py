@@ -17,7 +17,7 @@ from jwt.algorithms import OKPAlgorithm
 from todo_api import create_app
 from todo_api.auth import EXTENSION, TokenCache
 
-from .conftest import SECRET, make_config
+from .helpers import SECRET, make_config
 
 ORIGIN = "http://127.0.0.1:9"  # never contacted: the JWKS fetch is stubbed
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from .conftest import bearer, make_token
+from .helpers import bearer, make_token
 
 USER = "alice"
 LIMIT = 64 * 1024

@@ -24,7 +24,7 @@ from flask import Flask
 
 from todo_api import create_app
 
-from .conftest import SECRET, bearer, make_config, make_token
+from .helpers import SECRET, bearer, make_config, make_token
 from .test_jwks import JWKSServer, Tokens, new_key
 
 INVALID = {"detail": "Invalid authentication token"}

@@ -11,7 +11,7 @@ import pytest
 
 from todo_api import create_app
 
-from .conftest import SECRET, bearer, make_config, make_token, no_database
+from .helpers import SECRET, bearer, make_config, make_token, no_database
 
 
 def _b64(data: dict) -> str:

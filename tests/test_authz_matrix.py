@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from .conftest import bearer, make_token
+from .helpers import bearer, make_token
 
 A, B = "alice", "bob"
 FORBIDDEN = {"detail": "You may only access your own tasks"}

@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 from todo_api import create_app
 
 from .better_auth_server import SUPPORTED_ALGS, ensure_installed, node_available, running_better_auth
-from .conftest import bearer, make_config, rolled_back
+from .helpers import bearer, make_config, rolled_back
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)]
 
@@ -34,7 +34,7 @@ def better_auth_installed() -> None:
 
 @contextlib.contextmanager
 def isolated(app: Flask) -> Iterator[None]:
-    """Requests join a transaction rolled back at the end (conftest's `rolled_back`), then the pool closes."""
+    """Requests join a transaction rolled back at the end (helpers' `rolled_back`), then the pool closes."""
     try:
         with rolled_back(app):
             yield

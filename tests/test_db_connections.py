@@ -10,7 +10,7 @@ from sqlalchemy import create_engine, event, text
 
 from todo_api import create_app
 
-from .conftest import bearer, make_config, make_token
+from .helpers import bearer, make_config, make_token
 
 
 def test_requests_succeed_after_the_server_terminates_pooled_connections(database_url):

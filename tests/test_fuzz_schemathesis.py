@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, settings
 from todo_api import create_app
 from todo_api.web import API_CSP
 
-from .conftest import bearer, make_config, make_token
+from .helpers import bearer, make_config, make_token
 
 OWNER = "fuzz-owner"
 TOKEN = make_token(OWNER, ttl=24 * 3600)

@@ -10,7 +10,7 @@ from sqlalchemy.exc import OperationalError
 
 from todo_api import create_app
 
-from .conftest import make_config, no_database
+from .helpers import make_config, no_database
 
 ORIGIN = "http://localhost:3000"
 

@@ -29,7 +29,7 @@ from todo_api.auth import EXTENSION, Authenticator, TokenCache
 from todo_api.config import ConfigError, load_config
 from todo_api.jwks import USER_AGENT, JWKSCache, JWKSUnavailable, parse_jwks, pinned_algorithm
 
-from .conftest import SECRET, bearer, make_config, make_token
+from .helpers import SECRET, bearer, make_config, make_token
 
 INVALID = {"detail": "Invalid authentication token"}
 EXPIRED = {"detail": "Authentication token expired"}

@@ -1,0 +1,76 @@
+"""What several test modules share: the test secret and tokens, the app's test config, and database isolation.
+
+Fixtures live in conftest.py and build on these; test modules import from here, never from conftest or from
+each other.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import jwt
+from flask import Flask
+from sqlalchemy.orm import sessionmaker
+
+SECRET = "test-secret-that-is-long-enough-for-hs256-and-hs512-0123456789abcdef"
+
+
+def make_token(sub: Any = "alice", *, secret: str = SECRET, ttl: int = 3600, **claims: Any) -> str:
+    """An HS256 token for `sub`, valid for `ttl` seconds; a claim given as None is left out."""
+    now = int(time.time())
+    payload = {"sub": sub, "iat": now, "exp": now + ttl, **claims}
+    return jwt.encode({k: v for k, v in payload.items() if v is not None}, secret, algorithm="HS256")
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def make_config(database_url: str, **overrides: Any) -> dict[str, Any]:
+    """The app's config for tests: HS256 with SECRET, no Better Auth, no iss/aud checks."""
+    config = {
+        "APP_ENV": "test",
+        "DATABASE_URL": database_url,
+        "MIGRATIONS_DATABASE_URL": database_url,
+        "BETTER_AUTH_SECRET": SECRET,
+        "BETTER_AUTH_URL": None,
+        "JWT_ISSUER": [],
+        "JWT_AUDIENCE": [],
+        "JWT_LEEWAY": 30,
+        "FRONTEND_URL": ["http://localhost:3000"],
+    }
+    config.update(overrides)
+    return config
+
+
+@contextmanager
+def rolled_back(app: Flask) -> Iterator[Flask]:
+    """Every request session, read or write, joins one outer transaction that is rolled back at the end."""
+    db = app.extensions["db"]
+    original = db.sessionmaker, db.read_sessionmaker
+    with db.engine.connect() as connection:
+        transaction = connection.begin()
+        db.sessionmaker = sessionmaker(
+            bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+        )
+        db.read_sessionmaker = None
+        try:
+            yield app
+        finally:
+            db.sessionmaker, db.read_sessionmaker = original
+            transaction.rollback()
+
+
+@contextmanager
+def no_database(app: Flask) -> Iterator[None]:
+    """Any attempt to open a session fails while this is active."""
+    db = app.extensions["db"]
+    original = db.sessionmaker, db.read_sessionmaker
+    db.sessionmaker = db.read_sessionmaker = None
+    try:
+        yield
+    finally:
+        db.sessionmaker, db.read_sessionmaker = original
