@@ -1,7 +1,4 @@
-"""Fixtures: the app on each dialect, per-test transactions rolled back at teardown, and token helpers.
-
-Every test that uses `app` runs twice: on PostgreSQL and on SQLite.
-"""
+"""Fixtures: the app on PostgreSQL, each test in a transaction rolled back at teardown, and token helpers."""
 
 from __future__ import annotations
 
@@ -43,29 +40,23 @@ def postgres_url() -> Iterator[str]:
             stop()
 
 
-@pytest.fixture(scope="session")
-def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'test.db'}"
-
-
 def reset_schema(url: str) -> None:
     """Drop what a previous run left, then migrate to head."""
     engine = create_engine(url)
     with engine.begin() as connection:
         for table in ("tasks", "task_counts", "alembic_version"):
             connection.execute(text(f"DROP TABLE IF EXISTS {table}"))
-        if connection.dialect.name == "postgresql":
-            for function in ("task_counts_add", "task_counts_remove", "task_counts_clear", "tasks_keep_owner"):
-                connection.execute(text(f"DROP FUNCTION IF EXISTS {function}()"))
+        for function in ("task_counts_add", "task_counts_remove", "task_counts_clear", "tasks_keep_owner"):
+            connection.execute(text(f"DROP FUNCTION IF EXISTS {function}()"))
     engine.dispose()
     command.upgrade(alembic_config(url), "head")
 
 
-@pytest.fixture(scope="session", params=["postgresql", "sqlite"])
-def database_url(request: pytest.FixtureRequest) -> str:
-    url = request.getfixturevalue("postgres_url" if request.param == "postgresql" else "sqlite_url")
-    reset_schema(url)
-    return url
+@pytest.fixture(scope="session")
+def database_url(postgres_url: str) -> str:
+    """postgres_url, its schema migrated to head from scratch once per run."""
+    reset_schema(postgres_url)
+    return postgres_url
 
 
 @pytest.fixture(scope="session")

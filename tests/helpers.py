@@ -16,6 +16,8 @@ from flask import Flask
 from sqlalchemy.orm import sessionmaker
 
 SECRET = "test-secret-that-is-long-enough-for-hs256-and-hs512-0123456789abcdef"
+# PostgreSQL where nothing listens: for apps that must not, or need not, reach a database (engines connect lazily).
+UNREACHABLE_DATABASE_URL = "postgresql+psycopg2://nobody@127.0.0.1:1/none"
 
 
 def make_token(sub: Any = "alice", *, secret: str = SECRET, ttl: int = 3600, **claims: Any) -> str:

@@ -2,8 +2,7 @@
 is a 401 with the contract's body and `WWW-Authenticate: Bearer error="invalid_token"`, never a 500, and never a
 request to anything but the configured JWKS URL.
 
-Tokens are built by hand where PyJWT refuses to build them. The HS256-only app needs no database (/api/me, and the
-guard answers before any query), so it runs on SQLite only.
+Tokens are built by hand where PyJWT refuses to build them.
 """
 
 from __future__ import annotations
@@ -159,8 +158,8 @@ HS256_REJECTED: dict[str, str] = {
 
 
 @pytest.fixture(scope="module")
-def hs256_client(sqlite_url: str) -> Iterator[Any]:
-    app = create_app(make_config(sqlite_url))
+def hs256_client(database_url: str) -> Iterator[Any]:
+    app = create_app(make_config(database_url))
     yield app.test_client()
     app.extensions["db"].engine.dispose()
 
@@ -294,11 +293,11 @@ def tokens(jwks: JWKSServer, keys: dict[str, Any]) -> Tokens:
 
 
 @pytest.fixture
-def jwks_app(sqlite_url: str, jwks: JWKSServer) -> Iterator[Callable[..., Flask]]:
+def jwks_app(database_url: str, jwks: JWKSServer) -> Iterator[Callable[..., Flask]]:
     apps: list[Flask] = []
 
     def build(**overrides: Any) -> Flask:
-        app = create_app(make_config(sqlite_url, BETTER_AUTH_URL=jwks.origin, **overrides))
+        app = create_app(make_config(database_url, BETTER_AUTH_URL=jwks.origin, **overrides))
         apps.append(app)
         return app
 

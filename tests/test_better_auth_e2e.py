@@ -1,7 +1,7 @@
 """End to end with a real Better Auth server (npm better-auth + its jwt() plugin, see better_auth_server.py).
 
 For each algorithm the plugin can sign with: sign a user up, take the JWT from /api/auth/token, and use it on our
-API configured only with BETTER_AUTH_URL. Runs on PostgreSQL only (Better Auth needs it anyway).
+API configured only with BETTER_AUTH_URL. Better Auth keeps its users on the same PostgreSQL server.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from todo_api import create_app
 from .better_auth_server import SUPPORTED_ALGS, ensure_installed, node_available, running_better_auth
 from .helpers import bearer, make_config, rolled_back
 
-pytestmark = [pytest.mark.slow, pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from sqlalchemy.exc import OperationalError
 
 from todo_api import create_app
 
-from .helpers import make_config, no_database
+from .helpers import UNREACHABLE_DATABASE_URL, make_config, no_database
 
 ORIGIN = "http://localhost:3000"
 
@@ -143,8 +143,8 @@ def test_ready_checks_the_database(client):
     assert client.get("/health/ready").json == {"status": "ok"}
 
 
-def test_ready_is_503_when_the_database_is_unreachable(tmp_path):
-    app = create_app(make_config("postgresql+psycopg2://nobody@127.0.0.1:1/none", DB_CONNECT_TIMEOUT=1))
+def test_ready_is_503_when_the_database_is_unreachable():
+    app = create_app(make_config(UNREACHABLE_DATABASE_URL, DB_CONNECT_TIMEOUT=1))
     response = app.test_client().get("/health/ready")
     assert response.status_code == 503
     assert response.json == {"detail": "Database unavailable"}

@@ -29,7 +29,7 @@ from todo_api.auth import EXTENSION, Authenticator, TokenCache
 from todo_api.config import ConfigError, load_config
 from todo_api.jwks import USER_AGENT, JWKSCache, JWKSUnavailable, parse_jwks, pinned_algorithm
 
-from .helpers import SECRET, bearer, make_config, make_token
+from .helpers import SECRET, UNREACHABLE_DATABASE_URL, bearer, make_config, make_token
 
 INVALID = {"detail": "Invalid authentication token"}
 EXPIRED = {"detail": "Authentication token expired"}
@@ -209,12 +209,12 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def make_app(sqlite_url: str, server: JWKSServer, clock: Clock) -> Iterator[Callable[..., Flask]]:
+def make_app(database_url: str, server: JWKSServer, clock: Clock) -> Iterator[Callable[..., Flask]]:
     """make_app(**config) -> an app with BETTER_AUTH_URL = the local endpoint, the shared secret, the fake clock."""
     apps: list[Flask] = []
 
     def build(**overrides: Any) -> Flask:
-        app = create_app(make_config(sqlite_url, BETTER_AUTH_URL=server.origin, **overrides))
+        app = create_app(make_config(database_url, BETTER_AUTH_URL=server.origin, **overrides))
         jwks = app.extensions[EXTENSION].jwks
         if jwks is not None:
             jwks.clock = clock
@@ -543,13 +543,13 @@ def test_parse_jwks_keeps_only_usable_signing_keys(keys, unusable_keys):
 
 
 def test_authenticator_defaults():
-    config = make_config("sqlite://", BETTER_AUTH_URL="https://auth.example.com/")
+    config = make_config(UNREACHABLE_DATABASE_URL, BETTER_AUTH_URL="https://auth.example.com/")
     authenticator = Authenticator(config)
     assert authenticator.jwks is not None
     assert authenticator.jwks.url == "https://auth.example.com/api/auth/jwks"
     assert authenticator.jwks_issuers == authenticator.jwks_audiences == ["https://auth.example.com"]
     assert authenticator.hs256_issuers is authenticator.hs256_audiences is None
-    assert Authenticator(make_config("sqlite://")).jwks is None
+    assert Authenticator(make_config(UNREACHABLE_DATABASE_URL)).jwks is None
 
 
 @pytest.mark.parametrize("name", ["BETTER_AUTH_URL", "BETTER_AUTH_JWKS_URL"])
