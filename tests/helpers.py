@@ -1,4 +1,5 @@
-"""What several test modules share: the test secret and tokens, the app's test config, and database isolation.
+"""What several test modules share: the test secret and tokens (also hand-made ones), the app's test config, and
+database isolation.
 
 Fixtures live in conftest.py and build on these; test modules import from here, never from conftest or from
 each other.
@@ -6,6 +7,10 @@ each other.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,3 +81,18 @@ def no_database(app: Flask) -> Iterator[None]:
         yield
     finally:
         db.sessionmaker, db.read_sessionmaker = original
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def segment(value: Any) -> str:
+    """A token segment from a JSON value, or from raw JSON text when given a string."""
+    return b64url((value if isinstance(value, str) else json.dumps(value)).encode())
+
+
+def hs256(header: Any, payload: Any, secret: bytes = SECRET.encode()) -> str:
+    """Sign header.payload with HMAC-SHA256 whatever they contain (PyJWT refuses odd headers and PEM secrets)."""
+    signing_input = f"{segment(header)}.{segment(payload)}"
+    return f"{signing_input}.{b64url(hmac.new(secret, signing_input.encode(), hashlib.sha256).digest())}"
