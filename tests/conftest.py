@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from todo_api.cli import alembic_config
 from todo_api.config import normalize_database_url
 
 LOCAL_POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+FAST = 2.0  # seconds for any answer to a hostile request: generous for this machine, far from a hang
 
 
 @pytest.fixture(scope="session")
@@ -101,3 +103,17 @@ def create_task(client: FlaskClient, auth: Callable[..., dict[str, str]]) -> Cal
         return response.json
 
     return create
+
+
+@pytest.fixture
+def send(client: FlaskClient) -> Callable[..., Any]:
+    """send(method, path, **kwargs) -> the response to a request as alice, asserting it came within FAST seconds."""
+
+    def call(method: str, path: str, headers: dict[str, str] | None = None, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        response = client.open(path, method=method.upper(), headers={**bearer(make_token("alice")), **(headers or {})},
+                               **kwargs)
+        assert time.perf_counter() - started < FAST, f"{method} {path[:80]} took too long"
+        return response
+
+    return call

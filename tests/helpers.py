@@ -53,6 +53,18 @@ def make_config(database_url: str, **overrides: Any) -> dict[str, Any]:
     return config
 
 
+def assert_error(response: Any, status: int, expected: dict[str, Any] | str) -> None:
+    """The JSON error envelope with `status`: exactly `expected`, or, given a field name, a 422 naming that field."""
+    assert response.status_code == status, response.get_data()[:300]
+    assert response.content_type == "application/json"
+    body = response.json
+    if isinstance(expected, dict):
+        assert body == expected
+    else:
+        assert body["detail"] == "Validation failed" and expected in body["errors"], body
+    assert b"Traceback" not in response.data
+
+
 @contextmanager
 def rolled_back(app: Flask) -> Iterator[Flask]:
     """Every request session, read or write, joins one outer transaction that is rolled back at the end."""

@@ -298,18 +298,6 @@ def test_an_upper_case_task_id_is_the_same_task(send, task):
     assert send("get", f"/api/{USER}/tasks/{task['id'].upper()}").json["id"] == task["id"]
 
 
-@pytest.mark.parametrize(
-    "user_id",
-    [LONG, "alice%00", "%00", "alic%C3%A9", "%E2%80%AEecila", "alice%20", "ALICE", "alice'%20OR%20'1'='1", "*",
-     "..", "%2e%2e", "me"],
-)
-def test_another_user_id_in_the_path_is_403_before_anything_else(send, user_id):
-    for method, path in (("get", "/tasks"), ("post", "/tasks"), ("get", "/tasks/summary"),
-                         ("delete", "/tasks/00000000-0000-0000-0000-000000000000")):
-        response = send(method, f"/api/{user_id}{path}", data=b"{not json", content_type="application/json")
-        assert_error(response, 403, {"detail": "You may only access your own tasks"})
-
-
 @pytest.mark.parametrize("path", ["/api//tasks", "/api/alice//tasks", "//api/alice/tasks", "/api/alice/tasks//",
                                   "/api/alice/tasks/summary/x", f"/{LONG}", "/api/%00"])
 def test_paths_that_match_no_route_are_404(send, path):

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from todo_api import create_app
 
-from .helpers import SECRET, b64url, bearer, hs256, make_config, make_token, no_database, segment
+from .helpers import SECRET, b64url, bearer, hs256, make_config, make_token, segment
 
 INVALID = {"detail": "Invalid authentication token"}
 EXPIRED = {"detail": "Authentication token expired"}
@@ -290,13 +290,6 @@ def strict_client(database_url):
 def test_iss_and_aud_are_checked_when_configured(strict_client, claims, status):
     response = strict_client.get("/api/me", headers=bearer(make_token("alice", **claims)))
     assert response.status_code == status
-
-
-def test_path_user_mismatch_is_403_before_any_database_access(client, auth, app):
-    # A broken session factory proves no query is attempted.
-    with no_database(app):
-        response = client.get("/api/bob/tasks", headers=auth("alice"))
-    assert response.status_code == 403
 
 
 # --- /api/me ------------------------------------------------------------------------------------------------------

@@ -193,10 +193,6 @@ def test_summary_of_a_new_user_is_zero(client, auth):
     }
 
 
-def test_summary_of_another_user_is_403(client, auth):
-    assert client.get("/api/bob/tasks/summary", headers=auth("alice")).status_code == 403
-
-
 def test_pagination_metadata_is_flask_smorests():
     """tasks.Blueprint builds X-Pagination without flask-smorest's per-request schema; the values are the same."""
     import flask_smorest
