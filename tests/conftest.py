@@ -1,7 +1,4 @@
-"""Fixtures: the app on each dialect, per-test transactions rolled back at teardown, and token helpers.
-
-Every test that uses `app` runs twice: on PostgreSQL and on SQLite.
-"""
+"""Fixtures: the app on PostgreSQL, each test in a transaction rolled back at teardown, and token helpers."""
 
 from __future__ import annotations
 
@@ -9,25 +6,23 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import jwt
 import pytest
 from alembic import command
 from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
 from sqlalchemy import create_engine, text
-from sqlalchemy.orm import sessionmaker
 
+from tests.helpers import bearer, make_config, make_token, rolled_back
 from tests.throwaway_postgres import port_open, start_embedded_postgres
 from todo_api import create_app
 from todo_api.cli import alembic_config
 from todo_api.config import normalize_database_url
 
-SECRET = "test-secret-that-is-long-enough-for-hs256-and-hs512-0123456789abcdef"
 LOCAL_POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+FAST = 2.0  # seconds for any answer to a hostile request: generous for this machine, far from a hang
 
 
 @pytest.fixture(scope="session")
@@ -47,45 +42,23 @@ def postgres_url() -> Iterator[str]:
             stop()
 
 
-@pytest.fixture(scope="session")
-def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'test.db'}"
-
-
 def reset_schema(url: str) -> None:
     """Drop what a previous run left, then migrate to head."""
     engine = create_engine(url)
     with engine.begin() as connection:
         for table in ("tasks", "task_counts", "alembic_version"):
             connection.execute(text(f"DROP TABLE IF EXISTS {table}"))
-        if connection.dialect.name == "postgresql":
-            for function in ("task_counts_add", "task_counts_remove", "task_counts_clear", "tasks_keep_owner"):
-                connection.execute(text(f"DROP FUNCTION IF EXISTS {function}()"))
+        for function in ("task_counts_add", "task_counts_remove", "task_counts_clear", "tasks_keep_owner"):
+            connection.execute(text(f"DROP FUNCTION IF EXISTS {function}()"))
     engine.dispose()
     command.upgrade(alembic_config(url), "head")
 
 
-@pytest.fixture(scope="session", params=["postgresql", "sqlite"])
-def database_url(request: pytest.FixtureRequest) -> str:
-    url = request.getfixturevalue("postgres_url" if request.param == "postgresql" else "sqlite_url")
-    reset_schema(url)
-    return url
-
-
-def make_config(database_url: str, **overrides: Any) -> dict[str, Any]:
-    config = {
-        "APP_ENV": "test",
-        "DATABASE_URL": database_url,
-        "MIGRATIONS_DATABASE_URL": database_url,
-        "BETTER_AUTH_SECRET": SECRET,
-        "BETTER_AUTH_URL": None,
-        "JWT_ISSUER": [],
-        "JWT_AUDIENCE": [],
-        "JWT_LEEWAY": 30,
-        "FRONTEND_URL": ["http://localhost:3000"],
-    }
-    config.update(overrides)
-    return config
+@pytest.fixture(scope="session")
+def database_url(postgres_url: str) -> str:
+    """postgres_url, its schema migrated to head from scratch once per run."""
+    reset_schema(postgres_url)
+    return postgres_url
 
 
 @pytest.fixture(scope="session")
@@ -95,41 +68,11 @@ def session_app(database_url: str) -> Iterator[Flask]:
     app.extensions["db"].engine.dispose()
 
 
-@contextmanager
-def rolled_back(app: Flask) -> Iterator[Flask]:
-    """Every request session, read or write, joins one outer transaction that is rolled back at the end."""
-    db = app.extensions["db"]
-    original = db.sessionmaker, db.read_sessionmaker
-    with db.engine.connect() as connection:
-        transaction = connection.begin()
-        db.sessionmaker = sessionmaker(
-            bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
-        )
-        db.read_sessionmaker = None
-        try:
-            yield app
-        finally:
-            db.sessionmaker, db.read_sessionmaker = original
-            transaction.rollback()
-
-
 @pytest.fixture
 def app(session_app: Flask) -> Iterator[Flask]:
     """The session app, isolated: what a test writes is rolled back at teardown."""
     with rolled_back(session_app):
         yield session_app
-
-
-@contextmanager
-def no_database(app: Flask) -> Iterator[None]:
-    """Any attempt to open a session fails while this is active."""
-    db = app.extensions["db"]
-    original = db.sessionmaker, db.read_sessionmaker
-    db.sessionmaker = db.read_sessionmaker = None
-    try:
-        yield
-    finally:
-        db.sessionmaker, db.read_sessionmaker = original
 
 
 @pytest.fixture
@@ -140,16 +83,6 @@ def client(app: Flask) -> FlaskClient:
 @pytest.fixture
 def runner(app: Flask) -> FlaskCliRunner:
     return app.test_cli_runner()
-
-
-def make_token(sub: Any = "alice", *, secret: str = SECRET, ttl: int = 3600, **claims: Any) -> str:
-    now = int(time.time())
-    payload = {"sub": sub, "iat": now, "exp": now + ttl, **claims}
-    return jwt.encode({k: v for k, v in payload.items() if v is not None}, secret, algorithm="HS256")
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture
@@ -170,3 +103,17 @@ def create_task(client: FlaskClient, auth: Callable[..., dict[str, str]]) -> Cal
         return response.json
 
     return create
+
+
+@pytest.fixture
+def send(client: FlaskClient) -> Callable[..., Any]:
+    """send(method, path, **kwargs) -> the response to a request as alice, asserting it came within FAST seconds."""
+
+    def call(method: str, path: str, headers: dict[str, str] | None = None, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        response = client.open(path, method=method.upper(), headers={**bearer(make_token("alice")), **(headers or {})},
+                               **kwargs)
+        assert time.perf_counter() - started < FAST, f"{method} {path[:80]} took too long"
+        return response
+
+    return call

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .conftest import SECRET
+from .helpers import SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 20.0

@@ -1,7 +1,7 @@
-"""Object-level authorization matrix: user A (alice) attacks user B (bob) through every task operation.
+"""Ownership: user A (alice) attacks user B (bob) through every task operation, and the path-user guard.
 
 - Through B's path: 403, whatever the body, the task id or the preconditions (no 304, no 412, no 404 that
-  would tell whether a task exists).
+  would tell whether a task exists), before the body is read or the database is touched.
 - Through B's task id under A's own path: 404, exactly as for a task that does not exist.
 - Through A's own path with B's ids in the body or the query: A's own data only.
 
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from .conftest import bearer, make_token
+from .helpers import assert_error, bearer, make_token, no_database
 
 A, B = "alice", "bob"
 FORBIDDEN = {"detail": "You may only access your own tasks"}
@@ -82,6 +82,7 @@ ATTACKS: dict[str, Attack] = {
                                     403, FORBIDDEN),
     "summary": (A, "GET", "/api/bob/tasks/summary", {}, 403, FORBIDDEN),
     "get": (A, "GET", B_TASK, {}, 403, FORBIDDEN),
+    "get-with-a-body": (A, "GET", B_TASK, {"json": {"title": "x"}}, 403, FORBIDDEN),
     "get-if-none-match-bobs-etag": (A, "GET", B_TASK, {"headers": {"If-None-Match": "{b_etag}"}}, 403, FORBIDDEN),
     "get-upper-case-id": (A, "GET", "/api/bob/tasks/{B_TASK_UPPER}", {}, 403, FORBIDDEN),
     "put": (A, "PUT", B_TASK, {"json": {"title": "owned"}}, 403, FORBIDDEN),
@@ -93,11 +94,13 @@ ATTACKS: dict[str, Attack] = {
     "patch": (A, "PATCH", B_TASK, {"json": {"completed": True, "tags": []}}, 403, FORBIDDEN),
     "patch-no-body": (A, "PATCH", B_TASK, {}, 403, FORBIDDEN),
     "delete": (A, "DELETE", B_TASK, {}, 403, FORBIDDEN),
+    "delete-with-a-body": (A, "DELETE", B_TASK, {"json": {"title": "x"}}, 403, FORBIDDEN),
     "delete-if-match-bobs-etag": (A, "DELETE", B_TASK, {"headers": {"If-Match": "{b_etag}"}}, 403, FORBIDDEN),
     "delete-if-match-any": (A, "DELETE", B_TASK, {"headers": {"If-Match": "*"}}, 403, FORBIDDEN),
     "complete-toggle": (A, "PATCH", B_TASK + "/complete", {}, 403, FORBIDDEN),
     "complete-set-true": (A, "PATCH", B_TASK + "/complete", {"json": {"completed": True}}, 403, FORBIDDEN),
     "complete-set-false": (A, "PATCH", B_TASK + "/complete", {"json": {"completed": False}}, 403, FORBIDDEN),
+    "complete-with-a-field-it-refuses": (A, "PATCH", B_TASK + "/complete", {"json": {"title": "x"}}, 403, FORBIDDEN),
     "complete-if-match-bobs-etag": (A, "PATCH", B_TASK + "/complete", {"headers": {"If-Match": "{b_etag}"}}, 403,
                                     FORBIDDEN),
     "unknown-task-under-bobs-path": (A, "GET", "/api/bob/tasks/00000000-0000-0000-0000-000000000000", {}, 403,
@@ -121,6 +124,7 @@ ATTACKS: dict[str, Attack] = {
                                 404, NOT_FOUND),
     "stolen-put-no-body": (A, "PUT", STOLEN_TASK, {}, 404, NOT_FOUND),
     "stolen-patch": (A, "PATCH", STOLEN_TASK, {"json": {"status": "completed"}}, 404, NOT_FOUND),
+    "stolen-patch-title": (A, "PATCH", STOLEN_TASK, {"json": {"title": "owned"}}, 404, NOT_FOUND),
     "stolen-patch-if-match-bobs-etag": (A, "PATCH", STOLEN_TASK,
                                         {"json": {"title": "owned"}, "headers": {"If-Match": "{b_etag}"}}, 404,
                                         NOT_FOUND),
@@ -208,3 +212,19 @@ def test_the_matrix_covers_every_task_operation(client):
         assert (method, path, 403) in covered, (method, path)
         if "{task_id}" in path:
             assert (method, path, 404) in covered, (method, path)
+
+
+LONG = "a" * 10_000
+
+
+@pytest.mark.parametrize(
+    "user_id",
+    ["bob", LONG, "alice%00", "%00", "alic%C3%A9", "%E2%80%AEecila", "alice%20", "ALICE", "alice'%20OR%20'1'='1", "*",
+     "..", "%2e%2e", "me"],
+)
+def test_any_other_user_id_in_the_path_is_403_before_the_body_or_the_database(send, app, user_id):
+    with no_database(app):  # any query would fail
+        for method, path in (("get", "/tasks"), ("post", "/tasks"), ("get", "/tasks/summary"),
+                             ("delete", "/tasks/00000000-0000-0000-0000-000000000000")):
+            response = send(method, f"/api/{user_id}{path}", data=b"{not json", content_type="application/json")
+            assert_error(response, 403, FORBIDDEN)

@@ -1,7 +1,7 @@
 """End to end with a real Better Auth server (npm better-auth + its jwt() plugin, see better_auth_server.py).
 
 For each algorithm the plugin can sign with: sign a user up, take the JWT from /api/auth/token, and use it on our
-API configured only with BETTER_AUTH_URL. Runs on PostgreSQL only (Better Auth needs it anyway).
+API configured only with BETTER_AUTH_URL. Better Auth keeps its users on the same PostgreSQL server.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from sqlalchemy.engine import make_url
 from todo_api import create_app
 
 from .better_auth_server import SUPPORTED_ALGS, ensure_installed, node_available, running_better_auth
-from .conftest import bearer, make_config, rolled_back
+from .helpers import bearer, make_config, rolled_back
 
-pytestmark = [pytest.mark.slow, pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def better_auth_installed() -> None:
 
 @contextlib.contextmanager
 def isolated(app: Flask) -> Iterator[None]:
-    """Requests join a transaction rolled back at the end (conftest's `rolled_back`), then the pool closes."""
+    """Requests join a transaction rolled back at the end (helpers' `rolled_back`), then the pool closes."""
     try:
         with rolled_back(app):
             yield

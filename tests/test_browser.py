@@ -26,8 +26,8 @@ from alembic import command
 
 from todo_api.cli import alembic_config
 
-from .conftest import make_token
 from .fault_injection import scratch_database
+from .helpers import make_token
 from .live_server import LiveServer, call, live_server, server_env
 
 pytestmark = pytest.mark.slow

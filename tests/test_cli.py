@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 from todo_api.db import get_session
 from todo_api.models import Task
 
-from .conftest import SECRET, bearer
+from .helpers import SECRET, bearer
 
 
 def count_tasks(app, user_id: str) -> int:

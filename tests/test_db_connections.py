@@ -5,17 +5,14 @@ from __future__ import annotations
 import time
 import uuid
 
-import pytest
 from sqlalchemy import create_engine, event, text
 
 from todo_api import create_app
 
-from .conftest import bearer, make_config, make_token
+from .helpers import bearer, make_config, make_token
 
 
 def test_requests_succeed_after_the_server_terminates_pooled_connections(database_url):
-    if not database_url.startswith("postgresql"):
-        pytest.skip("PostgreSQL only")
     name = f"todo-api-test-{uuid.uuid4().hex[:8]}"
     app = create_app(make_config(f"{database_url}?application_name={name}", DB_POOL_SIZE=3))
     client, headers = app.test_client(), bearer(make_token("alice"))
@@ -39,9 +36,7 @@ def test_requests_succeed_after_the_server_terminates_pooled_connections(databas
 
 
 def test_reads_run_in_autocommit_and_writes_in_a_transaction(database_url):
-    """GETs skip BEGIN/ROLLBACK round trips on PostgreSQL; a write's statements share one transaction."""
-    if not database_url.startswith("postgresql"):
-        pytest.skip("PostgreSQL only")
+    """GETs skip BEGIN/ROLLBACK round trips; a write's statements share one transaction."""
     app = create_app(make_config(database_url))
     user_id = f"reader-{uuid.uuid4().hex[:8]}"
     client, headers = app.test_client(), bearer(make_token(user_id))

@@ -24,8 +24,8 @@ from sqlalchemy.engine import Engine, make_url
 
 from todo_api.cli import alembic_config
 
-from .conftest import make_token
 from .fault_injection import BLACKHOLE, DROP, FORWARD, REFUSE, RestartablePostgres, TcpProxy, scratch_database
+from .helpers import make_token
 from .live_server import KeepAliveClient, LiveServer, call, live_server, server_env
 
 pytestmark = pytest.mark.slow
@@ -421,7 +421,7 @@ def test_a_connection_lost_after_a_reads_last_statement_neither_fails_it_nor_lea
 
     from todo_api import create_app
 
-    from .conftest import bearer, make_config
+    from .helpers import bearer, make_config
 
     app = create_app(make_config(faults_url, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0, DB_POOL_TIMEOUT=1))
     lose_connection = threading.Event()

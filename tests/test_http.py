@@ -1,4 +1,6 @@
-"""Cross-cutting HTTP behaviour: error envelope, body rules, slashes, CORS, request ids, caching, docs, health."""
+"""Cross-cutting HTTP behaviour: routes, slashes and task ids, CORS, request ids, caching, logs, the error envelope,
+health, and the docs. Request bodies are in test_request_bodies.py, query strings in test_listing.py.
+"""
 
 from __future__ import annotations
 
@@ -10,54 +12,14 @@ from sqlalchemy.exc import OperationalError
 
 from todo_api import create_app
 
-from .conftest import make_config, no_database
+from .helpers import UNREACHABLE_DATABASE_URL, assert_error, make_config, no_database
 
 ORIGIN = "http://localhost:3000"
+NOT_FOUND = {"detail": "Not found"}
+LONG = "a" * 10_000
 
 
-def test_malformed_json_is_400(client, auth):
-    response = client.post("/api/alice/tasks", data='{"title": ', content_type="application/json", headers=auth())
-    assert response.status_code == 400
-    assert response.json == {"detail": "Malformed JSON body"}
-
-
-@pytest.mark.parametrize("body", ["[]", '"title"', "42", "null", '[{"title": "x"}]'])
-def test_body_that_is_not_an_object_is_400(client, auth, body):
-    response = client.post("/api/alice/tasks", data=body, content_type="application/json", headers=auth())
-    assert response.status_code == 400
-    assert response.json == {"detail": "Request body must be a JSON object"}
-
-
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "application/xml"])
-def test_body_that_is_not_json_is_415(client, auth, content_type):
-    response = client.post("/api/alice/tasks", data='{"title": "x"}', content_type=content_type, headers=auth())
-    assert response.status_code == 415
-    assert set(response.json) == {"detail"}
-
-
-def test_json_with_charset_is_accepted(client, auth):
-    response = client.post("/api/alice/tasks", data='{"title": "x"}', headers=auth(),
-                           content_type="application/json; charset=utf-8")
-    assert response.status_code == 201
-
-
-def test_body_over_64_kib_is_413(client, auth):
-    body = json.dumps({"title": "x", "description": "y" * (64 * 1024)})
-    response = client.post("/api/alice/tasks", data=body, content_type="application/json", headers=auth())
-    assert response.status_code == 413
-    assert set(response.json) == {"detail"}
-
-
-def test_deeply_nested_json_is_400_not_500(client, auth):
-    body = "[" * 10_000 + "]" * 10_000
-    response = client.post("/api/alice/tasks", data=body, content_type="application/json", headers=auth())
-    assert response.status_code == 400
-
-
-def test_missing_body_on_create_is_422_naming_title(client, auth):
-    response = client.post("/api/alice/tasks", headers=auth())
-    assert response.status_code == 422 and "title" in response.json["errors"]
-
+# --- routes -------------------------------------------------------------------------------------------------------
 
 def test_method_not_allowed_is_405_json_with_allow(client, auth):
     response = client.post("/api/alice/tasks/3f6c1c1e-8a1d-4d53-9a9f-0c1b2d3e4f50", headers=auth())
@@ -66,10 +28,11 @@ def test_method_not_allowed_is_405_json_with_allow(client, auth):
     assert "GET" in response.headers["Allow"]
 
 
-def test_unknown_route_is_404_json(client):
-    response = client.get("/nowhere")
-    assert response.status_code == 404 and response.json == {"detail": "Not found"}
-    assert response.content_type == "application/json"
+@pytest.mark.parametrize("path", ["/nowhere", "/api//tasks", "/api/alice//tasks", "//api/alice/tasks",
+                                  "/api/alice/tasks//", "/api/alice/tasks/summary/x", f"/{LONG}", "/api/%00"])
+def test_paths_that_match_no_route_are_404_json(client, send, path):
+    assert_error(client.get(path), 404, NOT_FOUND)  # with no token
+    assert_error(send("get", path), 404, NOT_FOUND)
 
 
 @pytest.mark.parametrize("path", ["/api/alice/tasks/", "/api/me/", "/health/", "/health/ready/"])
@@ -81,6 +44,59 @@ def test_trailing_slash_works_without_redirect(client, auth, path):
 def test_trailing_slash_on_create_is_not_redirected(client, auth):
     assert client.post("/api/alice/tasks/", json={"title": "x"}, headers=auth()).status_code == 201
 
+
+# --- task ids ---------------------------------------------------------------------------------------------------
+
+MALFORMED_TASK_IDS = [
+    "not-a-uuid",
+    "12345",
+    "3f6c1c1e-8a1d-4d53-9a9f-0c1b2d3e4f5",  # a digit short
+    "00000000-0000-0000-0000-00000000000g",
+    "00000000000000000000000000000000",
+    "{00000000-0000-0000-0000-000000000000}",
+    "urn:uuid:00000000-0000-0000-0000-000000000000",
+    "00000000-0000-0000-0000-000000000000%00",
+    LONG,
+    "..%2F..%2F..%2Fetc%2Fpasswd",
+    "..%252F..%252Fetc%252Fpasswd",
+    "%2F",
+    "%2e%2e",
+    "..",
+    "%E2%98%83",  # a snowman
+    "%F0%9F%98%80",
+    "%27%20OR%201=1",
+    "'%20OR%20'1'='1",
+    "1'%3B%20DROP%20TABLE%20tasks%3B--",
+    '"x"',
+    "%22%3E%3Cscript%3Ealert(1)%3C%2Fscript%3E",
+    "%00",
+    "%ff%fe",
+    "-1",
+    "0",
+    "null",
+    "%20",
+]
+
+
+@pytest.mark.parametrize("task_id", MALFORMED_TASK_IDS)
+@pytest.mark.parametrize(("method", "suffix"), [("get", ""), ("put", ""), ("patch", ""), ("delete", ""),
+                                                ("patch", "/complete")])
+def test_malformed_task_ids_are_404(send, method, suffix, task_id):
+    assert_error(send(method, f"/api/alice/tasks/{task_id}{suffix}", json={}), 404, NOT_FOUND)
+
+
+@pytest.mark.parametrize("task_id", ["00000000-0000-0000-0000-000000000000", "ffffffff-ffff-ffff-ffff-ffffffffffff",
+                                     "3f6c1c1e-8a1d-4d53-9a9f-0c1b2d3e4f50"])
+def test_well_formed_unknown_task_ids_are_404(send, task_id):
+    assert_error(send("get", f"/api/alice/tasks/{task_id}"), 404, {"detail": "Task not found"})
+
+
+def test_an_upper_case_task_id_is_the_same_task(send, create_task):
+    task = create_task()
+    assert send("get", f"/api/alice/tasks/{task['id'].upper()}").json["id"] == task["id"]
+
+
+# --- CORS, request ids, caching, logs -------------------------------------------------------------------------------
 
 def test_cors_preflight_from_allowed_origin(client):
     response = client.options("/api/alice/tasks", headers={
@@ -133,6 +149,8 @@ def test_log_lines_carry_request_id_and_never_the_token(client, auth, capsys):
     assert headers["Authorization"].split()[1] not in err
 
 
+# --- errors, health, docs -----------------------------------------------------------------------------------------
+
 def test_health_touches_no_database(client, app):
     with no_database(app):
         response = client.get("/health")
@@ -143,8 +161,8 @@ def test_ready_checks_the_database(client):
     assert client.get("/health/ready").json == {"status": "ok"}
 
 
-def test_ready_is_503_when_the_database_is_unreachable(tmp_path):
-    app = create_app(make_config("postgresql+psycopg2://nobody@127.0.0.1:1/none", DB_CONNECT_TIMEOUT=1))
+def test_ready_is_503_when_the_database_is_unreachable():
+    app = create_app(make_config(UNREACHABLE_DATABASE_URL, DB_CONNECT_TIMEOUT=1))
     response = app.test_client().get("/health/ready")
     assert response.status_code == 503
     assert response.json == {"detail": "Database unavailable"}

@@ -1,13 +1,13 @@
 """Better Auth's JWKS way (contract, Authentication, way 2), against a local JWKS endpoint and keys made here.
 
-Time for the JWKS cache is a fake clock, so the 30 s refresh limit is proven without sleeping.
+A forged or malformed token is a 401 whatever it claims, and makes no request to anything but the configured JWKS
+URL. Time for the JWKS cache is a fake clock, so the 30 s refresh limit is proven without sleeping. The HS256 way's
+token rules are in test_auth.py.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
 import threading
 import time
@@ -29,7 +29,7 @@ from todo_api.auth import EXTENSION, Authenticator, TokenCache
 from todo_api.config import ConfigError, load_config
 from todo_api.jwks import USER_AGENT, JWKSCache, JWKSUnavailable, parse_jwks, pinned_algorithm
 
-from .conftest import SECRET, bearer, make_config, make_token
+from .helpers import SECRET, UNREACHABLE_DATABASE_URL, b64url, bearer, hs256, make_config, make_token, segment
 
 INVALID = {"detail": "Invalid authentication token"}
 EXPIRED = {"detail": "Authentication token expired"}
@@ -70,18 +70,9 @@ def keys() -> dict[str, Key]:
     return {alg: new_key(alg) for alg in [*ALGORITHMS, "ES384"]}
 
 
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def b64json(data: dict[str, Any]) -> str:
-    return b64url(json.dumps(data).encode())
-
-
 def hmac_token(claims: dict[str, Any], secret: bytes, kid: str) -> str:
     """HS256 by hand: PyJWT rightly refuses to HMAC with a PEM public key."""
-    signing_input = f"{b64json({'alg': 'HS256', 'typ': 'JWT', 'kid': kid})}.{b64json(claims)}"
-    return f"{signing_input}.{b64url(hmac.new(secret, signing_input.encode(), hashlib.sha256).digest())}"
+    return hs256({"alg": "HS256", "typ": "JWT", "kid": kid}, claims, secret)
 
 
 class Tokens:
@@ -209,12 +200,12 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def make_app(sqlite_url: str, server: JWKSServer, clock: Clock) -> Iterator[Callable[..., Flask]]:
+def make_app(database_url: str, server: JWKSServer, clock: Clock) -> Iterator[Callable[..., Flask]]:
     """make_app(**config) -> an app with BETTER_AUTH_URL = the local endpoint, the shared secret, the fake clock."""
     apps: list[Flask] = []
 
     def build(**overrides: Any) -> Flask:
-        app = create_app(make_config(sqlite_url, BETTER_AUTH_URL=server.origin, **overrides))
+        app = create_app(make_config(database_url, BETTER_AUTH_URL=server.origin, **overrides))
         jwks = app.extensions[EXTENSION].jwks
         if jwks is not None:
             jwks.clock = clock
@@ -299,6 +290,18 @@ def test_jwt_issuer_and_audience_override_the_origin(make_app, tokens):
     assert_invalid(me(client, tokens.sign(aud="todo-api")))
 
 
+@pytest.mark.parametrize(
+    "aud",
+    [pytest.param([], id="empty"), pytest.param([1], id="number"), pytest.param([["todo-api"]], id="nested"),
+     pytest.param({"todo-api": 1}, id="object"), pytest.param("", id="empty-string"),
+     pytest.param(["x", "y"], id="list-without-ours")],
+)
+def test_odd_aud_values_are_401_when_an_audience_is_configured(make_app, tokens, aud):
+    client = make_app(JWT_AUDIENCE=["todo-api"]).test_client()
+    assert me(client, tokens.sign(aud=["x", "todo-api"])).status_code == 200
+    assert_invalid(me(client, tokens.sign(aud=aud)))
+
+
 # --- rejected tokens ----------------------------------------------------------------------------------------------
 
 
@@ -314,34 +317,63 @@ def _tampered(token: str) -> str:
 
 def _swapped_payload(t: Tokens) -> str:
     head, _, signature = t.sign("EdDSA", "alice").split(".")
-    return f"{head}.{b64json(t.claims('bob'))}.{signature}"
+    return f"{head}.{segment(t.claims('bob'))}.{signature}"
 
 
 def _unsigned(t: Tokens, alg: str) -> str:
-    return f"{b64json({'alg': alg, 'kid': t.keys['EdDSA'].kid})}.{b64json(t.claims())}."
+    return f"{segment({'alg': alg, 'kid': t.keys['EdDSA'].kid})}.{segment(t.claims())}."
+
+
+def _with_kid(t: Tokens, kid: Any) -> str:
+    """An EdDSA-looking token whose kid is not a string (PyJWT refuses to build one)."""
+    return f"{segment({'alg': 'EdDSA', 'kid': kid})}.{segment(t.claims())}.c2ln"
+
+
+def _signed_payload(t: Tokens, payload: dict[str, Any]) -> str:
+    """A genuine EdDSA signature over any JSON payload (PyJWT's jwt.encode refuses a non-string iss)."""
+    key = t.keys["EdDSA"]
+    return jwt.api_jws.encode(json.dumps(payload).encode(), key.private, algorithm="EdDSA", headers={"kid": key.kid})
+
+
+def _attackers(t: Tokens, **header: Any) -> str:
+    """An EdDSA token signed by an attacker's own key under the published kid, with extra header fields."""
+    attacker = new_key("EdDSA", t.keys["EdDSA"].kid)
+    return jwt.encode(t.claims(), attacker.private, algorithm="EdDSA", headers={"kid": attacker.kid, **header})
 
 
 NOW = int(time.time())
 REJECTED: dict[str, Callable[[Tokens], str]] = {
+    # claims
     "wrong-iss": lambda t: t.sign(iss="https://evil.example"),
     "wrong-aud": lambda t: t.sign(aud="https://evil.example"),
     "aud-list-without-origin": lambda t: t.sign(aud=["a", "b"]),
+    "aud-empty-list": lambda t: t.sign(aud=[]),
+    "aud-nested-list": lambda t: t.sign(aud=[[t.origin]]),
+    "aud-list-of-numbers": lambda t: t.sign(aud=[1, 2]),
+    "aud-object": lambda t: t.sign(aud={t.origin: True}),
     "no-iss": lambda t: t.sign(iss=None),
+    "iss-list": lambda t: _signed_payload(t, t.claims(iss=[t.origin])),
+    "iss-number": lambda t: _signed_payload(t, t.claims(iss=1)),
+    "iss-object": lambda t: _signed_payload(t, t.claims(iss={"$eq": t.origin})),
     "no-aud": lambda t: t.sign(aud=None),
     "nbf-future": lambda t: t.sign(nbf=NOW + 600),
+    "nbf-numeric-string": lambda t: t.sign(nbf="0"),
     "iat-future": lambda t: t.sign(iat=NOW + 600),
     "no-sub": lambda t: t.sign(sub=None),
-    "no-exp": lambda t: t.sign(exp=None),
     "non-string-sub": lambda t: t.sign(sub=42),
+    "sub-empty": lambda t: t.sign(sub=""),
+    "sub-nul": lambda t: t.sign(sub="a\x00b"),
+    "sub-256-characters": lambda t: t.sign(sub="a" * 256),
+    "no-exp": lambda t: t.sign(exp=None),
+    "exp-numeric-string": lambda t: t.sign(exp=str(NOW + 900)),
+    # signatures and keys
     "tampered-signature": lambda t: _tampered(t.sign("EdDSA")),
     "tampered-rsa-signature": lambda t: _tampered(t.sign("RS256")),
     "swapped-payload": _swapped_payload,
     "unknown-kid": lambda t: t.sign(kid="no-such-kid"),
     "no-kid": lambda t: t.sign(kid=None),
     "unpublished-key-with-published-kid": lambda t: t.sign("RS256", key=new_key("RS256", t.keys["RS256"].kid)),
-    "alg-none": lambda t: _unsigned(t, "none"),
-    "alg-None": lambda t: _unsigned(t, "None"),
-    "alg-empty": lambda t: _unsigned(t, ""),
+    **{f"alg-{alg or 'empty'}": (lambda t, alg=alg: _unsigned(t, alg)) for alg in ("none", "None", "NONE", "nOnE", "")},
     "es256-header-on-rsa-kid": lambda t: t.sign("ES256", kid=t.keys["RS256"].kid),
     "eddsa-header-on-p256-kid": lambda t: t.sign("EdDSA", kid=t.keys["ES256"].kid),
     "es512-header-on-p256-kid": lambda t: t.sign("ES512", kid=t.keys["ES256"].kid),
@@ -350,28 +382,48 @@ REJECTED: dict[str, Callable[[Tokens], str]] = {
     "es384-not-enabled": lambda t: t.sign("ES384"),
     "hs512-with-the-secret": lambda t: jwt.encode(t.claims(), SECRET, algorithm="HS512",
                                                   headers={"kid": t.keys["EdDSA"].kid}),
-    "hs256-with-ed25519-pem": lambda t: hmac_token(t.claims(), _pem(t.keys["EdDSA"]), t.keys["EdDSA"].kid),
-    "hs256-with-rsa-pem": lambda t: hmac_token(t.claims(), _pem(t.keys["RS256"]), t.keys["RS256"].kid),
+    # key confusion: HS256 with a published key as the HMAC secret
+    **{f"hs256-with-the-{alg.lower()}-public-pem": (lambda t, alg=alg: hmac_token(
+        t.claims(), _pem(t.keys[alg]), t.keys[alg].kid)) for alg in ALGORITHMS},
+    **{f"hs256-with-the-{alg.lower()}-jwk-json": (lambda t, alg=alg: hmac_token(
+        t.claims(), json.dumps(t.keys[alg].jwk).encode(), t.keys[alg].kid)) for alg in ("EdDSA", "RS256", "ES256")},
     "hs256-with-raw-ed25519-bytes": lambda t: hmac_token(
         t.claims(), base64.urlsafe_b64decode(t.keys["EdDSA"].jwk["x"] + "="), t.keys["EdDSA"].kid),
-    "hs256-with-jwk-json": lambda t: hmac_token(
-        t.claims(), json.dumps(t.keys["EdDSA"].jwk).encode(), t.keys["EdDSA"].kid),
     "hs256-with-published-oct-key": lambda t: hmac_token(t.claims(), b"published-secret-" * 4, "shared"),
+    # kid injection: a dict lookup, never a path, a query or a URL
+    **{f"kid-{name}": (lambda t, kid=kid: t.sign("EdDSA", kid=kid)) for name, kid in {
+        "path-traversal": "../../../../etc/passwd",
+        "url-path": "../../jwks?kid=x",
+        "sql-injection": "' OR '1'='1' --",
+        "absolute-url": "http://127.0.0.1:1/key",
+        "nul": "a\x00b",
+        "10000-characters": "k" * 10_000,
+    }.items()},
+    **{f"kid-{name}": (lambda t, kid=kid: _with_kid(t, kid)) for name, kid in {
+        "list": ["x"], "number": 7, "object": {"$gt": ""},
+    }.items()},
+    # a key shipped in the token, a URL to fetch one from, or extensions nobody here understands (RFC 7515 4.1.11)
+    "embedded-jwk-of-an-attacker": lambda t: _attackers(t, jwk=new_key("EdDSA").jwk),
+    "jku-to-an-attacker": lambda t: _attackers(t, jku="http://127.0.0.1:1/jwks.json"),
+    "x5u-to-an-attacker": lambda t: _attackers(t, x5u="http://127.0.0.1:1/cert.pem"),
+    "crit-on-an-attackers-token": lambda t: _attackers(t, crit=["exp"]),
+    "crit-on-a-genuine-token": lambda t: jwt.encode(t.claims(), t.keys["EdDSA"].private, algorithm="EdDSA",
+                                                    headers={"kid": t.keys["EdDSA"].kid, "crit": ["exp"]}),
     "garbage": lambda t: "not.a.jwt",
-    "list-kid": lambda t: f"{b64json({'alg': 'EdDSA', 'kid': ['x']})}.{b64json(t.claims())}.c2ln",
 }
 
 
 @pytest.mark.parametrize("secret", ["jwks+hs256", "jwks-only"])
 @pytest.mark.parametrize("name", list(REJECTED))
-def test_rejected_tokens_are_401_invalid(request, tokens, server, secret, name):
+def test_rejected_tokens_are_401_invalid_and_fetch_only_the_jwks(request, tokens, server, secret, name):
     client = request.getfixturevalue("client" if secret == "jwks+hs256" else "jwks_only_client")
     assert_invalid(me(client, REJECTED[name](tokens)))
-    assert server.fetches <= 1
+    assert me(client, tokens.sign()).status_code == 200  # the token is otherwise valid
+    assert server.requests == [("/api/auth/jwks", USER_AGENT)]  # one fetch, the JWKS's, whatever the token said
 
 
 def test_tokens_that_cannot_be_jwks_tokens_cost_no_fetch(client, tokens, server):
-    for name in ("alg-none", "no-kid", "es384-not-enabled", "hs256-with-ed25519-pem", "garbage"):
+    for name in ("alg-none", "no-kid", "es384-not-enabled", "hs256-with-the-eddsa-public-pem", "garbage"):
         assert_invalid(me(client, REJECTED[name](tokens)))
     assert server.fetches == 0
 
@@ -543,13 +595,13 @@ def test_parse_jwks_keeps_only_usable_signing_keys(keys, unusable_keys):
 
 
 def test_authenticator_defaults():
-    config = make_config("sqlite://", BETTER_AUTH_URL="https://auth.example.com/")
+    config = make_config(UNREACHABLE_DATABASE_URL, BETTER_AUTH_URL="https://auth.example.com/")
     authenticator = Authenticator(config)
     assert authenticator.jwks is not None
     assert authenticator.jwks.url == "https://auth.example.com/api/auth/jwks"
     assert authenticator.jwks_issuers == authenticator.jwks_audiences == ["https://auth.example.com"]
     assert authenticator.hs256_issuers is authenticator.hs256_audiences is None
-    assert Authenticator(make_config("sqlite://")).jwks is None
+    assert Authenticator(make_config(UNREACHABLE_DATABASE_URL)).jwks is None
 
 
 @pytest.mark.parametrize("name", ["BETTER_AUTH_URL", "BETTER_AUTH_JWKS_URL"])

@@ -24,8 +24,8 @@ from sqlalchemy import create_engine, text
 
 from todo_api.cli import alembic_config
 
-from .conftest import make_token
 from .fault_injection import scratch_database
+from .helpers import make_token
 from .live_server import KeepAliveClient, live_server, server_env
 
 pytestmark = pytest.mark.slow
@@ -212,7 +212,7 @@ def test_an_update_that_loses_a_race_with_a_delete_is_a_404(load_url, monkeypatc
     """The update read the task, then a concurrent request deleted it: its UPDATE matches no row (seen under load)."""
     from todo_api import create_app, repositories
 
-    from .conftest import bearer, make_config
+    from .helpers import bearer, make_config
 
     app = create_app(make_config(load_url))
     admin = create_engine(load_url, isolation_level="AUTOCOMMIT")

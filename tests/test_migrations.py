@@ -1,4 +1,4 @@
-"""Alembic migrations: reversible, and in step with the models, on both dialects."""
+"""Alembic migrations: reversible, and in step with the models."""
 
 from __future__ import annotations
 
@@ -16,14 +16,8 @@ from todo_api.models import Base, include_in_autogenerate
 
 
 @pytest.fixture
-def empty_database(database_url: str, tmp_path) -> Iterator[Connection]:
-    """A connection to an empty schema: a fresh PostgreSQL schema, or a fresh SQLite file."""
-    if database_url.startswith("sqlite"):
-        engine = create_engine(f"sqlite:///{tmp_path / 'migrations.db'}")
-        with engine.connect() as connection:
-            yield connection
-        engine.dispose()
-        return
+def empty_database(database_url: str) -> Iterator[Connection]:
+    """A connection to a fresh, empty schema, dropped at teardown."""
     schema = f"migrations_{uuid.uuid4().hex[:8]}"
     engine = create_engine(database_url)
     with engine.connect() as connection:
@@ -40,7 +34,7 @@ def empty_database(database_url: str, tmp_path) -> Iterator[Connection]:
 
 
 def migrate(connection: Connection, direction: str, revision: str) -> None:
-    config = alembic_config("sqlite://")  # the URL is unused: the connection is passed in
+    config = alembic_config(connection.engine.url.render_as_string(hide_password=False))  # the connection is used
     config.attributes["connection"] = connection
     getattr(command, direction)(config, revision)
     connection.commit()
@@ -76,9 +70,8 @@ def test_the_list_indexes_exist(empty_database):
     assert indexes["ix_tasks_user_created"] == ["user_id", "created_at", "id"]
     assert indexes["ix_tasks_user_updated"] == ["user_id", "updated_at", "id"]
     assert indexes["ix_tasks_user_due"] == ["user_id", "due_date", "id"]
-    if empty_database.dialect.name == "postgresql":  # SQLite's reflection skips expression indexes
-        assert indexes["ix_tasks_user_priority"][0] == "user_id"
-        assert indexes["ix_tasks_user_title"][0] == "user_id"
+    assert indexes["ix_tasks_user_priority"][0] == "user_id"
+    assert indexes["ix_tasks_user_title"][0] == "user_id"
 
 
 def test_task_counts_are_backfilled_from_existing_tasks(empty_database):

@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from todo_api import repositories
 from todo_api.web import API_CSP, script_hashes
 
-from .conftest import SECRET, bearer, make_token
+from .helpers import SECRET, bearer, make_token
 
 ORIGIN = "http://localhost:3000"
 COMMON = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}

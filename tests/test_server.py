@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, text
 
 from todo_api.cli import alembic_config
 
-from .conftest import make_token
+from .helpers import make_token
 from .live_server import REQUEST_TIMEOUT, call, live_server, server_env
 
 CONCURRENT_TOGGLES = 20  # even, so the task ends where it started

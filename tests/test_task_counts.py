@@ -105,8 +105,6 @@ def test_a_tasks_owner_cannot_change(app, create_task):
 
 def test_concurrent_writers_keep_the_count_exact(database_url):
     """Committed, concurrent inserts and deletes for the same users from many connections."""
-    if not database_url.startswith("postgresql"):
-        pytest.skip("PostgreSQL only: SQLite has one writer at a time")
     users = [f"counts-{uuid.uuid4().hex[:8]}" for _ in range(2)]
     engine = create_engine(database_url, pool_size=8)
     errors: list[BaseException] = []

@@ -1,6 +1,6 @@
 """Cost per request of token verification: EdDSA (JWKS) vs HS256, with and without the verified-token cache.
 
-Run: .venv/bin/python -m tests.bench_auth
+Run: .venv/bin/python -m bench.bench_auth
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from jwt.algorithms import OKPAlgorithm
 
+from tests.helpers import SECRET, UNREACHABLE_DATABASE_URL, make_config
 from todo_api import create_app
 from todo_api.auth import EXTENSION, TokenCache
 
-from .conftest import SECRET, make_config
-
 ORIGIN = "http://127.0.0.1:9"  # never contacted: the JWKS fetch is stubbed
+# /api/me reads no table, so the app never opens a database connection.
 
 
 def best_of(statement: Any, number: int) -> float:
@@ -40,7 +40,7 @@ def main() -> None:
     eddsa_us = best_of(lambda: jwt.decode(eddsa_token, public, algorithms=["EdDSA"], audience=ORIGIN), 5000)
     print(f"in-process jwt.decode: HS256 {hs256_us:.1f} us, EdDSA {eddsa_us:.1f} us")
 
-    app = create_app(make_config("sqlite://", BETTER_AUTH_URL=ORIGIN, LOG_LEVEL="WARNING"))
+    app = create_app(make_config(UNREACHABLE_DATABASE_URL, BETTER_AUTH_URL=ORIGIN, LOG_LEVEL="WARNING"))
     authenticator = app.extensions[EXTENSION]
     authenticator.jwks._client.fetch_data = lambda: {"keys": [jwk]}  # type: ignore[union-attr]
     client = app.test_client()

@@ -1,0 +1,110 @@
+"""What several test modules share: the test secret and tokens (also hand-made ones), the app's test config, and
+database isolation.
+
+Fixtures live in conftest.py and build on these; test modules import from here, never from conftest or from
+each other.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import jwt
+from flask import Flask
+from sqlalchemy.orm import sessionmaker
+
+SECRET = "test-secret-that-is-long-enough-for-hs256-and-hs512-0123456789abcdef"
+# PostgreSQL where nothing listens: for apps that must not, or need not, reach a database (engines connect lazily).
+UNREACHABLE_DATABASE_URL = "postgresql+psycopg2://nobody@127.0.0.1:1/none"
+
+
+def make_token(sub: Any = "alice", *, secret: str = SECRET, ttl: int = 3600, **claims: Any) -> str:
+    """An HS256 token for `sub`, valid for `ttl` seconds; a claim given as None is left out."""
+    now = int(time.time())
+    payload = {"sub": sub, "iat": now, "exp": now + ttl, **claims}
+    return jwt.encode({k: v for k, v in payload.items() if v is not None}, secret, algorithm="HS256")
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def make_config(database_url: str, **overrides: Any) -> dict[str, Any]:
+    """The app's config for tests: HS256 with SECRET, no Better Auth, no iss/aud checks."""
+    config = {
+        "APP_ENV": "test",
+        "DATABASE_URL": database_url,
+        "MIGRATIONS_DATABASE_URL": database_url,
+        "BETTER_AUTH_SECRET": SECRET,
+        "BETTER_AUTH_URL": None,
+        "JWT_ISSUER": [],
+        "JWT_AUDIENCE": [],
+        "JWT_LEEWAY": 30,
+        "FRONTEND_URL": ["http://localhost:3000"],
+    }
+    config.update(overrides)
+    return config
+
+
+def assert_error(response: Any, status: int, expected: dict[str, Any] | str) -> None:
+    """The JSON error envelope with `status`: exactly `expected`, or, given a field name, a 422 naming that field."""
+    assert response.status_code == status, response.get_data()[:300]
+    assert response.content_type == "application/json"
+    body = response.json
+    if isinstance(expected, dict):
+        assert body == expected
+    else:
+        assert body["detail"] == "Validation failed" and expected in body["errors"], body
+    assert b"Traceback" not in response.data
+
+
+@contextmanager
+def rolled_back(app: Flask) -> Iterator[Flask]:
+    """Every request session, read or write, joins one outer transaction that is rolled back at the end."""
+    db = app.extensions["db"]
+    original = db.sessionmaker, db.read_sessionmaker
+    with db.engine.connect() as connection:
+        transaction = connection.begin()
+        db.sessionmaker = sessionmaker(
+            bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+        )
+        db.read_sessionmaker = None
+        try:
+            yield app
+        finally:
+            db.sessionmaker, db.read_sessionmaker = original
+            transaction.rollback()
+
+
+@contextmanager
+def no_database(app: Flask) -> Iterator[None]:
+    """Any attempt to open a session fails while this is active."""
+    db = app.extensions["db"]
+    original = db.sessionmaker, db.read_sessionmaker
+    db.sessionmaker = db.read_sessionmaker = None
+    try:
+        yield
+    finally:
+        db.sessionmaker, db.read_sessionmaker = original
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def segment(value: Any) -> str:
+    """A token segment from a JSON value, or from raw JSON text when given a string."""
+    return b64url((value if isinstance(value, str) else json.dumps(value)).encode())
+
+
+def hs256(header: Any, payload: Any, secret: bytes = SECRET.encode()) -> str:
+    """Sign header.payload with HMAC-SHA256 whatever they contain (PyJWT refuses odd headers and PEM secrets)."""
+    signing_input = f"{segment(header)}.{segment(payload)}"
+    return f"{signing_input}.{b64url(hmac.new(secret, signing_input.encode(), hashlib.sha256).digest())}"
