@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +14,7 @@ import psycopg2
 from sqlalchemy.engine import URL, make_url
 
 from todo_api.config import normalize_database_url
+from todo_api.embedded_postgres import port_open, throwaway
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DATABASE = "todo_bench"
@@ -42,19 +41,12 @@ def start_postgres(stack: ExitStack) -> Postgres:
     if os.environ.get("TEST_DATABASE_URL"):
         server = make_url(normalize_database_url(os.environ["TEST_DATABASE_URL"]))
         return Postgres(server.set(database=BENCH_DATABASE), "TEST_DATABASE_URL's server")
-    sys.path.insert(0, str(ROOT))
-    from tests.throwaway_postgres import port_open, start_embedded_postgres
-
     if port_open("127.0.0.1", 5432):
         return Postgres(make_url(LOCAL_SERVER).set(database=BENCH_DATABASE), "local 127.0.0.1:5432")
 
     print("No PostgreSQL on 127.0.0.1:5432: starting an embedded one (fsync off).", flush=True)
-    parent = Path(tempfile.mkdtemp(prefix="todo-bench-pg-"))
-    parent.chmod(0o711)  # as root the server runs as another account, which must reach its data directory
-    stack.callback(shutil.rmtree, parent, ignore_errors=True)
-    url, stop = start_embedded_postgres(parent / "data")
-    stack.callback(stop)
-    return Postgres(make_url(url).set(database=BENCH_DATABASE), "embedded (tests/throwaway_postgres.py)")
+    server = stack.enter_context(throwaway(BENCH_DATABASE))
+    return Postgres(make_url(server.url(BENCH_DATABASE)), "embedded (todo_api/embedded_postgres.py)")
 
 
 def libpq_url(url: URL) -> str:

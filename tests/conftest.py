@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,10 +14,10 @@ from flask.testing import FlaskClient, FlaskCliRunner
 from sqlalchemy import create_engine, text
 
 from tests.helpers import bearer, make_config, make_token, rolled_back
-from tests.throwaway_postgres import port_open, start_embedded_postgres
 from todo_api import create_app
 from todo_api.cli import alembic_config
 from todo_api.config import normalize_database_url
+from todo_api.embedded_postgres import port_open, throwaway
 
 LOCAL_POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 FAST = 2.0  # seconds for any answer to a hostile request: generous for this machine, far from a hang
@@ -33,13 +31,8 @@ def postgres_url() -> Iterator[str]:
     elif port_open("127.0.0.1", 5432):
         yield LOCAL_POSTGRES
     else:
-        parent = Path(tempfile.mkdtemp(prefix="todo-api-pg-"))
-        parent.chmod(0o711)  # as root, the server runs as another user, which must reach its data dir
-        url, stop = start_embedded_postgres(parent / "data")
-        try:
-            yield url
-        finally:
-            stop()
+        with throwaway("test") as server:
+            yield server.url("test")
 
 
 def reset_schema(url: str) -> None:

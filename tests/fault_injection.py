@@ -7,22 +7,16 @@ All traffic stays on 127.0.0.1.
 from __future__ import annotations
 
 import contextlib
-import os
 import selectors
-import signal
 import socket
-import subprocess
-import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from . import throwaway_postgres as embedded
+from todo_api.embedded_postgres import throwaway
 
 FORWARD, BLACKHOLE, DROP, REFUSE = "forward", "blackhole", "drop", "refuse"
 
@@ -196,61 +190,24 @@ def _reset(sock: socket.socket) -> None:
 
 
 class RestartablePostgres:
-    """A throwaway PostgreSQL (tests/throwaway_postgres.py) that can be stopped and started again on the same port
-    and data, to play a database server that goes away and comes back."""
+    """A throwaway PostgreSQL that can be stopped and started again on the same port and data, to play a database
+    server that goes away and comes back."""
 
     def __init__(self) -> None:
-        parent = Path(tempfile.mkdtemp(prefix="todo-api-faults-pg-"))
-        parent.chmod(0o711)  # as root, the server runs as another user, which must reach its data dir
-        self.data_dir = parent / "data"
-        self.url, self._remove = embedded.start_embedded_postgres(self.data_dir)
-        self.port = make_url(self.url).port
-        self._server: subprocess.Popen[bytes] | None = None  # after a restart; the first one is the helper's
+        self._context = throwaway("test")
+        self.server = self._context.__enter__()
+        self.url = self.server.url("test")
+        self.port = self.server.port
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self) -> None:
         """Fast shutdown: sessions are terminated, clients see the server close their connections."""
-        pid = self._postmaster_pid()
-        if pid is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGINT)
-        deadline = time.monotonic() + timeout
-        while self._postmaster_pid() is not None:
-            if time.monotonic() > deadline:
-                raise RuntimeError("embedded PostgreSQL did not stop")
-            time.sleep(0.05)
-        if self._server is not None:
-            self._server.wait(timeout=5)
+        self.server.stop()
 
     def start(self) -> None:
-        run_as = embedded._unprivileged_account() if os.geteuid() == 0 else {}
-        env = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
-        with (self.data_dir / "server.log").open("ab") as log:
-            self._server = subprocess.Popen(
-                [embedded._bin_dir() / "postgres", "-D", self.data_dir, "-p", str(self.port),
-                 *embedded.SERVER_OPTIONS],
-                stdout=log, stderr=subprocess.STDOUT, cwd="/", env=env, **run_as,
-            )
-        if not embedded._wait_until_ready(self._server, self.data_dir):
-            raise RuntimeError(f"embedded PostgreSQL did not restart:\n{embedded._log_tail(self.data_dir)}")
+        self.server.start("test")
 
     def close(self) -> None:
-        self.stop()
-        self._remove()
-        with contextlib.suppress(OSError):
-            self.data_dir.parent.rmdir()
-
-    def _postmaster_pid(self) -> int | None:
-        """The running postmaster's pid, from its pid file (gone once it has shut down)."""
-        try:
-            pid = int((self.data_dir / "postmaster.pid").read_text().splitlines()[0])
-        except (FileNotFoundError, IndexError, ValueError):
-            return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        return pid
+        self._context.__exit__(None, None, None)
 
 
 @contextlib.contextmanager

@@ -29,30 +29,30 @@ def test_database_urls_are_normalised_to_psycopg2_keeping_neon_parameters(url, e
 @pytest.mark.parametrize("url", ["sqlite:////tmp/x.db", "sqlite://", "mysql://u@host/db", "host/db"])
 def test_a_url_that_is_not_postgresql_stops_start_up_naming_the_variable(tmp_path, name, url):
     with pytest.raises(ConfigError, match=f"^{name} must be a PostgreSQL URL"):
-        load_config(tmp_path, {"DATABASE_URL": "postgresql://u@host/db", name: url})
+        load_config({"DATABASE_URL": "postgresql://u@host/db", name: url})
 
 
 def test_default_database_is_the_embedded_postgresql_of_make_run(tmp_path):
-    config = load_config(tmp_path, {})
+    config = load_config({})
     assert config["DATABASE_URL"] == "postgresql+psycopg2://postgres@127.0.0.1:54320/todo"
     assert config["APP_ENV"] == "development"
-    moved = load_config(tmp_path, {"EMBEDDED_POSTGRES_PORT": "6000"})
+    moved = load_config({"EMBEDDED_POSTGRES_PORT": "6000"})
     assert moved["DATABASE_URL"] == "postgresql+psycopg2://postgres@127.0.0.1:6000/todo"
 
 
 def test_production_without_database_url_stops_start_up(tmp_path):
     with pytest.raises(ConfigError, match="DATABASE_URL is required in production"):
-        load_config(tmp_path, {"APP_ENV": "production", "BETTER_AUTH_SECRET": "x" * 32})
+        load_config({"APP_ENV": "production", "BETTER_AUTH_SECRET": "x" * 32})
 
 
 def test_migrations_url_overrides_database_url(tmp_path):
-    config = load_config(tmp_path, {"DATABASE_URL": "postgres://pooled/db", "MIGRATIONS_DATABASE_URL": "postgres://direct/db"})
+    config = load_config({"DATABASE_URL": "postgres://pooled/db", "MIGRATIONS_DATABASE_URL": "postgres://direct/db"})
     assert config["DATABASE_URL"] == "postgresql+psycopg2://pooled/db"
     assert config["MIGRATIONS_DATABASE_URL"] == "postgresql+psycopg2://direct/db"
 
 
 def test_lists_and_integers_are_parsed(tmp_path):
-    config = load_config(tmp_path, {"FRONTEND_URL": "https://a.com, https://b.com", "JWT_LEEWAY": "5",
+    config = load_config({"FRONTEND_URL": "https://a.com, https://b.com", "JWT_LEEWAY": "5",
                                     "JWT_AUDIENCE": "x,y", "DB_POOL_SIZE": "7"})
     assert config["FRONTEND_URL"] == ["https://a.com", "https://b.com"]
     assert config["JWT_AUDIENCE"] == ["x", "y"] and config["JWT_LEEWAY"] == 5 and config["DB_POOL_SIZE"] == 7
@@ -61,34 +61,34 @@ def test_lists_and_integers_are_parsed(tmp_path):
 @pytest.mark.parametrize("env", [{"APP_ENV": "staging"}, {"JWT_LEEWAY": "soon"}])
 def test_invalid_values_stop_start_up(tmp_path, env):
     with pytest.raises(ConfigError):
-        load_config(tmp_path, env)
+        load_config(env)
 
 
 PRODUCTION = {"APP_ENV": "production", "DATABASE_URL": "postgresql://u@host/db"}
 
 
 def test_production_without_secret_stops_start_up_naming_the_variable(tmp_path):
-    config = load_config(tmp_path, PRODUCTION)
+    config = load_config(PRODUCTION)
     with pytest.raises(ConfigError, match="BETTER_AUTH_SECRET"):
         check_secret(config, tmp_path)
 
 
 def test_production_with_short_secret_stops_start_up(tmp_path):
-    config = load_config(tmp_path, {**PRODUCTION, "BETTER_AUTH_SECRET": "x" * 31})
+    config = load_config({**PRODUCTION, "BETTER_AUTH_SECRET": "x" * 31})
     with pytest.raises(ConfigError, match="at least 32"):
         check_secret(config, tmp_path)
 
 
 def test_production_with_strong_secret_starts(tmp_path):
-    config = load_config(tmp_path, {**PRODUCTION, "BETTER_AUTH_SECRET": "x" * 32})
+    config = load_config({**PRODUCTION, "BETTER_AUTH_SECRET": "x" * 32})
     check_secret(config, tmp_path)
     assert not (tmp_path / "dev-secret").exists()
 
 
 def test_development_generates_a_secret_once_and_keeps_it(tmp_path, caplog):
-    first = load_config(tmp_path, {})
+    first = load_config({})
     check_secret(first, tmp_path)
-    second = load_config(tmp_path, {})
+    second = load_config({})
     check_secret(second, tmp_path)
     assert len(first["BETTER_AUTH_SECRET"]) >= 32
     assert first["BETTER_AUTH_SECRET"] == second["BETTER_AUTH_SECRET"]

@@ -395,7 +395,7 @@ def test_other_psycopg2_connections_in_the_process_keep_libpq_connect_timeout(fa
     connect_timeout, which libpq itself ignores once a callback is installed."""
     import psycopg2
 
-    from todo_api.db import install_wait_callback, wait_with_deadline
+    from todo_api.deadlines import install_wait_callback, wait_with_deadline
 
     install_wait_callback()
     assert psycopg2.extensions.get_wait_callback() is wait_with_deadline

@@ -608,14 +608,14 @@ def test_authenticator_defaults():
 @pytest.mark.parametrize("value", ["auth.example.com", "file:///etc/passwd", "ftp://auth.example.com"])
 def test_auth_server_urls_must_be_http(tmp_path, name, value):
     with pytest.raises(ConfigError, match=name):
-        load_config(tmp_path, {name: value})
+        load_config({name: value})
 
 
 def test_jwks_url_defaults_to_better_auth_url_and_can_be_overridden(tmp_path):
-    config = load_config(tmp_path, {"BETTER_AUTH_URL": "https://app.example.com/"})
+    config = load_config({"BETTER_AUTH_URL": "https://app.example.com/"})
     assert config["BETTER_AUTH_URL"] == "https://app.example.com"
     assert Authenticator(config).jwks.url == "https://app.example.com/api/auth/jwks"
-    config = load_config(tmp_path, {"BETTER_AUTH_URL": "https://app.example.com",
+    config = load_config({"BETTER_AUTH_URL": "https://app.example.com",
                                     "BETTER_AUTH_JWKS_URL": "https://cdn.example.com/jwks.json"})
     assert Authenticator(config).jwks.url == "https://cdn.example.com/jwks.json"
 

@@ -100,6 +100,24 @@ def test_clearing_nullable_fields(client, auth, create_task):
     assert response.json["description"] is None and response.json["due_date"] is None
 
 
+def test_an_update_that_lost_the_race_to_a_delete_is_task_not_found(app, create_task):
+    """The ORM's UPDATE then matches no row; the view turns TaskNotFound into the usual 404."""
+    from sqlalchemy import delete
+
+    from todo_api.db import get_session
+    from todo_api.models import Task
+    from todo_api.repositories import TaskNotFound, get_task, update_task
+
+    created = create_task()
+    with app.app_context():
+        session = get_session()
+        task = get_task(session, "alice", uuid.UUID(created["id"]))
+        # Another request's delete, committed meanwhile: Core on the connection, so this session does not know.
+        session.connection().execute(delete(Task.__table__).where(Task.__table__.c.id == task.id))
+        with pytest.raises(TaskNotFound):
+            update_task(session, task, {"title": "too late"})
+
+
 def test_delete_returns_204_without_body_then_404(client, auth, create_task):
     task = create_task()
     response = client.delete(f"/api/alice/tasks/{task['id']}", headers=auth())
@@ -262,7 +280,7 @@ def test_fast_task_dump_is_marshmallows_json_byte_for_byte(client, auth, create_
         schema, many = TaskSchema(), TaskSchema(many=True)
         assert to_json(schema.dump(task)) == to_json(Schema.dump(schema, task))
         # Rows of the list query give the same JSON as the ORM objects would through marshmallow.
-        objects = [get_task(session, "alice", row.id) for row in rows]
+        objects = [get_task(session, "alice", row[0]) for row in rows]  # rows of TASK_COLUMNS: the id first
         assert to_json(many.dump(rows)) == to_json(Schema.dump(many, objects))
         assert to_json(schema.dump(read_task(session, "alice", task.id))) == to_json(Schema.dump(schema, task))
         assert orjson.loads(to_json(schema.dump(task))) == created

@@ -104,7 +104,7 @@ def _dev_secret(instance_path: Path) -> str:
     return secret
 
 
-def load_config(instance_path: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+def load_config(env: dict[str, str] | None = None) -> dict[str, Any]:
     """Build the Flask config from the environment; raise ConfigError on what must stop start-up."""
     env = dict(os.environ if env is None else env)
     app_env = env.get("APP_ENV", "development")

@@ -14,11 +14,15 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +186,20 @@ class EmbeddedPostgres:
             return self.log_path.read_text(errors="replace")[-2000:]
         except FileNotFoundError:
             return ""
+
+
+@contextmanager
+def throwaway(database: str = "test") -> Iterator[EmbeddedPostgres]:
+    """A fresh, non-durable server with `database`, in a new temporary folder deleted at exit (tests, bench)."""
+    parent = Path(tempfile.mkdtemp(prefix="todo-api-pg-"))
+    parent.chmod(0o711)  # as root the server runs as another account, which must reach its data
+    server = EmbeddedPostgres(parent / "data", free_port(), durable=False)
+    try:
+        server.start(database)
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 def _is_postgres(pid: int) -> bool:
