@@ -98,14 +98,21 @@ def test_an_upper_case_task_id_is_the_same_task(send, create_task):
 
 # --- CORS, request ids, caching, logs -------------------------------------------------------------------------------
 
-def test_cors_preflight_from_allowed_origin(client):
-    response = client.options("/api/alice/tasks", headers={
-        "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+@pytest.mark.parametrize("path", [
+    "/api/alice/tasks", "/api/alice/tasks/3f6c1c1e-8a1d-4d53-9a9f-0c1b2d3e4f50/complete", "/api/me",
+    "/api/alice/tasks/5", "/api/alice/tasks/not-a-uuid/", "/api/bob/tasks/summary", "/api/nowhere",
+])
+def test_cors_preflight_from_allowed_origin_is_204_on_every_api_path(client, path):
+    """Whatever the path's id looks like: the browser must get to send the real request and read its status."""
+    response = client.options(path, headers={
+        "Origin": ORIGIN, "Access-Control-Request-Method": "PATCH",
         "Access-Control-Request-Headers": "Authorization, Content-Type, If-Match, If-None-Match"})
-    assert response.status_code == 200
+    assert response.status_code == 204
+    assert response.data == b"" and "Content-Type" not in response.headers
     assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
     allowed = {h.strip().lower() for h in response.headers["Access-Control-Allow-Headers"].split(",")}
     assert {"authorization", "content-type", "if-match", "if-none-match"} <= allowed
+    assert "PATCH" in response.headers["Access-Control-Allow-Methods"]
 
 
 def test_cors_exposes_headers_to_allowed_origin(client, auth):

@@ -81,6 +81,8 @@ def test_filters(client, auth, tasks, query, expected):
     ("query", "expected"),
     [
         ("sort=created_at&order=asc", ["milk", "report", "dentist", "taxes", "plan"]),
+        ("sort=created&order=asc", ["milk", "report", "dentist", "taxes", "plan"]),  # the plans' frontends' name
+        ("sort=created", ["plan", "taxes", "dentist", "report", "milk"]),
         ("sort=title&order=asc", ["milk", "dentist", "taxes", "plan", "report"]),
         ("sort=title&order=desc", ["report", "plan", "taxes", "dentist", "milk"]),
         ("sort=updated_at&order=desc", ["plan", "taxes", "dentist", "report", "milk"]),

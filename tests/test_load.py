@@ -233,3 +233,64 @@ def test_an_update_that_loses_a_race_with_a_delete_is_a_404(load_url, monkeypatc
     finally:
         app.extensions["db"].engine.dispose()
         admin.dispose()
+
+
+RACE_ROUNDS = int(os.environ.get("RACE_ROUNDS", "25"))
+RACERS = 16
+
+
+def race_request(index: int, rng: random.Random) -> tuple[str, str, dict[str, object] | None]:
+    """One racer's write: a toggle, a PUT/PATCH setting status, or one setting completed."""
+    kind = index % 3
+    if kind == 0:
+        return "PATCH", "/complete", None
+    if kind == 1:
+        return rng.choice(["PUT", "PATCH"]), "", {"status": rng.choice(["pending", "in_progress", "completed"])}
+    return "PATCH", "", {"completed": rng.choice([True, False]), "title": f"racer {index}"}
+
+
+def race_round(clients: list[KeepAliveClient], path: str, seed: int) -> list[tuple[int, object]]:
+    """Every client writes to the task at once; their (status, answer) pairs."""
+    start = threading.Barrier(len(clients))
+    results: list[tuple[int, object]] = []
+    lock = threading.Lock()
+
+    def race(index: int) -> None:
+        method, suffix, body = race_request(index, random.Random(seed * len(clients) + index))
+        start.wait()
+        status, _, answer = clients[index].request(method, f"{path}{suffix}", body)
+        with lock:
+            results.append((status, answer))
+
+    threads = [threading.Thread(target=race, args=(index,)) for index in range(len(clients))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return results
+
+
+def test_racing_writes_on_one_task_never_give_5xx_and_the_row_is_the_last_answer(load_url, tmp_path):
+    """Round after round, 16 concurrent writers on one task: status-setting PUT/PATCH mixed with toggles. A write
+    that read the row before a toggle changed it must not fail on ck_tasks_completed_at (a 500), and the stored
+    row is exactly one of the successful answers: the last write's."""
+    env = server_env(load_url, WEB_CONCURRENCY=str(WORKERS), LOG_LEVEL="WARNING")
+    user = f"race-{uuid.uuid4().hex[:8]}"
+    statuses: Counter[int] = Counter()
+    with live_server(env, log_dir=tmp_path) as server:
+        clients = [KeepAliveClient(server.base_url, make_token(user), timeout=30) for _ in range(RACERS)]
+        try:
+            for round_number in range(RACE_ROUNDS):
+                _, _, task = clients[0].request("POST", f"/api/{user}/tasks", {"title": "raced"})
+                path = f"/api/{user}/tasks/{task['id']}"
+                results = race_round(clients, path, round_number)
+                statuses.update(status for status, _ in results)
+                _, _, stored = clients[0].request("GET", path)
+                assert stored in [answer for status, answer in results if status == 200], (stored, results)
+                assert stored["completed"] == (stored["status"] == "completed") == (stored["completed_at"] is not None)
+        finally:
+            for client in clients:
+                client.close()
+        server_output = server.output()
+    assert statuses == Counter({200: RACE_ROUNDS * RACERS}), statuses
+    assert "Traceback" not in server_output, server_output[-5000:]

@@ -198,7 +198,7 @@ def summarize(session: Session, user_id: str) -> dict[str, Any]:
 # Built once: SQLAlchemy then reuses its compiled form without rebuilding the expression or its cache key.
 READ_TASK = select(*TASK_COLUMNS).where(Task.id == bindparam("task_id"), Task.user_id == bindparam("user_id"))
 LOAD_TASK = select(Task).where(Task.id == bindparam("task_id"), Task.user_id == bindparam("user_id"))
-LOCK_TASK = LOAD_TASK.with_for_update()  # for If-Match: the row stays as checked until the write commits
+LOCK_TASK = LOAD_TASK.with_for_update()  # for writes: the row stays as read and checked until the write commits
 
 
 def read_task(session: Session, user_id: str, task_id: uuid.UUID) -> Row[Any]:
@@ -210,7 +210,7 @@ def read_task(session: Session, user_id: str, task_id: uuid.UUID) -> Row[Any]:
 
 
 def get_task(session: Session, user_id: str, task_id: uuid.UUID, *, for_update: bool = False) -> Task:
-    """The user's task; `for_update` locks the row until commit (for If-Match checks)."""
+    """The user's task; `for_update` locks the row until commit (for writes)."""
     task = session.scalar(LOCK_TASK if for_update else LOAD_TASK, {"task_id": task_id, "user_id": user_id})
     if task is None:
         raise TaskNotFound(task_id)

@@ -194,6 +194,7 @@ class QueryBoolean(fields.Field):
 
 
 SORT_FIELDS = ("created_at", "updated_at", "due_date", "priority", "title")
+SORT_ALIASES = {"created": "created_at"}  # the plans' frontends send sort=created
 
 
 class TaskListQuerySchema(Schema):
@@ -212,13 +213,15 @@ class TaskListQuerySchema(Schema):
     due_before = UTCDateTime(metadata={"description": "due_date < this."})
     due_after = UTCDateTime(metadata={"description": "due_date >= this."})
     overdue = QueryBoolean(metadata={"description": "true: due before now and not completed."})
-    sort = fields.String(load_default="created_at", validate=_one_of(SORT_FIELDS))
+    sort = fields.String(load_default="created_at", validate=_one_of((*SORT_FIELDS, *SORT_ALIASES)),
+                         metadata={"description": "created is an alias of created_at."})
     order = fields.String(load_default="desc", validate=_one_of(("asc", "desc")))
 
     @post_load
-    def merge_search_alias(self, data: dict[str, Any], **_kwargs: Any) -> dict[str, Any]:
+    def resolve_aliases(self, data: dict[str, Any], **_kwargs: Any) -> dict[str, Any]:
         search = data.pop("search", None)
         data.setdefault("q", search)
+        data["sort"] = SORT_ALIASES.get(data["sort"], data["sort"])
         return data
 
 

@@ -13,7 +13,7 @@ from flask.views import MethodView
 from flask_smorest.pagination import PaginationMetadataSchema, PaginationParameters
 from werkzeug.http import quote_etag
 
-from . import conditional
+from . import conditional, web
 from . import repositories as repo
 from .auth import require_path_user
 from .db import get_session
@@ -172,7 +172,7 @@ class TaskById(MethodView):
         session = get_session()
         repo.delete_task(session, _find_unchanged(user_id, task_id))
         session.commit()
-        return no_content()
+        return web.no_content()
 
 
 @blp.route("/<uuid:task_id>/complete")
@@ -202,11 +202,11 @@ def with_etag(task: Any, etag: str | None = None) -> tuple[Any, dict[str, str]]:
 
 
 def _find_unchanged(user_id: str, task_id: uuid.UUID) -> Task:
-    """The task for a write, after its preconditions: 412 if they fail. A conditional write locks the row
-    (FOR UPDATE) before comparing, so it stays as checked until the write commits."""
-    locked = conditional.requested()
-    task = repo.get_task(get_session(), user_id, task_id, for_update=locked)
-    if locked:
+    """The task for a write, locked (FOR UPDATE) until the write commits, after its preconditions: 412 if they
+    fail. The lock keeps the row as checked, and as read: a PUT that sets status writes completed_at from the row
+    it read, which a concurrent toggle must not change in between (ck_tasks_completed_at, and the answer sent)."""
+    task = repo.get_task(get_session(), user_id, task_id, for_update=True)
+    if conditional.requested():
         conditional.evaluate(task_etag(task))
     return task
 
@@ -216,9 +216,3 @@ def _update(user_id: str, task_id: uuid.UUID, changes: dict[str, Any]) -> tuple[
     task = repo.update_task(session, _find_unchanged(user_id, task_id), changes)
     session.commit()
     return with_etag(task)
-
-
-def no_content() -> Response:
-    response = Response(status=204)
-    del response.headers["Content-Type"]
-    return response

@@ -95,7 +95,26 @@ def add_security_headers(response: Response) -> Response:
     return response
 
 
+def no_content() -> Response:
+    """204: no body, and no JSON content type."""
+    response = Response(status=204)
+    del response.headers["Content-Type"]
+    return response
+
+
+def answer_preflight() -> Response | None:
+    """A CORS preflight on any /api/ path is 204, whatever the path's id looks like: the browser must get to send
+    the real request and read its real status (an unknown task's 404), instead of failing on the preflight's 404.
+    flask-cors then adds its headers for allowed origins only."""
+    if request.method == "OPTIONS" and request.path.startswith("/api/") and (
+        "Access-Control-Request-Method" in request.headers
+    ):
+        return no_content()
+    return None
+
+
 def init_app(app: Flask) -> None:
+    app.before_request(answer_preflight)
     CORS(
         app,
         resources={r"/api/*": {"origins": app.config["FRONTEND_URL"]}},
