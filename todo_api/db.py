@@ -30,8 +30,8 @@ def make_engine(url: str, config: dict[str, Any]) -> Engine:
     """A pooled engine that survives connections the server dropped (Neon suspends idle computes)."""
     statement_timeout = config["DB_STATEMENT_TIMEOUT_MS"]
     connect_timeout = config["DB_CONNECT_TIMEOUT"]
-    # The client gives up one connect timeout (the budget for a round trip) after the server should have
-    # cancelled the statement itself (todo_api/deadlines.py).
+    # The server cancels a statement after statement_timeout (set per transaction, todo_api/deadlines.py); the
+    # client gives up one connect timeout (the budget for a round trip) after the server should have done so.
     io_timeout = (statement_timeout / 1000 + connect_timeout) if statement_timeout > 0 else None
     install_wait_callback()
     engine = create_engine(
@@ -43,26 +43,20 @@ def make_engine(url: str, config: dict[str, Any]) -> Engine:
         # orjson for the tags column: the stdlib json parser was a tenth of a 50-task page's cost.
         json_serializer=lambda value: to_json(value).decode(),
         json_deserializer=orjson.loads,
+        # No hstore columns: skip psycopg2's type lookup on each new connection, a query outside our cursor's
+        # statement timeout (todo_api/deadlines.py) and a round trip.
+        use_native_hstore=False,
         connect_args={
             "connect_timeout": connect_timeout,
             # Bytes the server's host never acknowledges (a partition) fail the connection in connect_timeout
             # seconds instead of after some 15 minutes of retransmissions. Linux only; ignored elsewhere.
             "tcp_user_timeout": connect_timeout * 1000,
             **KEEPALIVE_ARGS,
-            "connection_factory": deadline_connection_class(connect_timeout or None, io_timeout),
+            "connection_factory": deadline_connection_class(connect_timeout or None, io_timeout, statement_timeout),
         },
     )
     event.listen(engine, "checkout", discard_if_closed_by_server)
     engine.dialect.reset_isolation_level = restore_default_isolation  # type: ignore[method-assign]
-
-    # A SET rather than the `options` startup parameter, which Neon's pooler does not pass through.
-    @event.listens_for(engine, "connect")
-    def set_session_defaults(dbapi_connection: Any, _record: Any) -> None:
-        with dbapi_connection.cursor() as cursor:
-            cursor.execute("SET statement_timeout = %s", (statement_timeout,))
-            cursor.execute("SET TIME ZONE 'UTC'")
-        dbapi_connection.commit()
-
     return engine
 
 
