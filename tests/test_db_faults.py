@@ -35,6 +35,7 @@ CONNECT_TIMEOUT = 2
 STATEMENT_TIMEOUT_MS = 2000
 IO_DEADLINE = STATEMENT_TIMEOUT_MS / 1000 + CONNECT_TIMEOUT
 SLACK = 1.5  # seconds for scheduling on a loaded 2-core machine
+FAIL_FAST = 2.0  # seconds to a 503 once a process knows the database is unreachable, and to recovery after
 FAULT_ENV = {
     "DB_CONNECT_TIMEOUT": str(CONNECT_TIMEOUT),
     "DB_STATEMENT_TIMEOUT_MS": str(STATEMENT_TIMEOUT_MS),
@@ -182,11 +183,49 @@ def test_blackholed_dropped_or_refused_database_gives_bounded_503s_then_recovers
 
                 proxy.set_mode(FORWARD)
                 back = time.monotonic()
+                # Each worker's probe notices within FAIL_FAST; the worker serves every kind again from then on.
+                wait_for(lambda: all(requests["list"]()[0] == 200 for _ in range(4)), FAIL_FAST + SLACK,
+                         f"service after {mode}")
                 for name, request in requests.items():
                     status, _, body = request()
                     assert status in (200, 201), (mode, name, status, body)
                 print(f"{mode}: every kind of request succeeded again {time.monotonic() - back:.3f} s after it ended")
             assert task["id"] in task_ids_of(admin, user)
+
+
+def test_once_the_database_is_known_unreachable_requests_fail_fast_and_service_resumes_by_itself(
+    faults_url, tmp_path
+):
+    """Blackholed: the first requests of each worker wait out the timeouts; every later one gets 503 within 2 s
+    instead of waiting too. When the database is back, requests succeed again within 2 s, with no restart."""
+    upstream = make_url(faults_url)
+    with TcpProxy(upstream.host or "127.0.0.1", upstream.port or 5432) as proxy:
+        url = upstream.set(port=proxy.port).render_as_string(hide_password=False)
+        with live_server(server_env(url, **FAULT_ENV), log_dir=tmp_path) as server:
+            user = f"faults-{uuid.uuid4().hex[:8]}"
+            status, _, task = call("POST", f"{server.base_url}/api/{user}/tasks", make_token(user), {"title": "kept"})
+            assert status == 201, task
+            requests = user_requests(server.base_url, user, task["id"])
+            proxy.set_mode(BLACKHOLE)
+            learning = time.monotonic() + IO_DEADLINE + SLACK  # each worker learns it from its own first requests
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                list(pool.map(lambda _: requests["list"](), range(8)))
+            assert time.monotonic() < learning + IO_DEADLINE, "the first requests were not bounded"
+            later: list[float] = []
+            for name in ("list", "get", "toggle", "create") * 4:
+                (status, headers, body), elapsed = timed(requests[name])
+                assert_unavailable(status, headers, body, f"blackholed {name}")
+                later.append(elapsed)
+            print(f"blackholed: later 503s took at most {max(later):.3f} s")
+            assert max(later) < FAIL_FAST, later
+
+            proxy.set_mode(FORWARD)
+            back = time.monotonic()
+            recovered = wait_for(lambda: requests["get"]()[0] == 200, FAIL_FAST + SLACK, "a 200 after the outage")
+            for name, request in requests.items():
+                status, _, body = request()
+                assert status in (200, 201), (name, status, body)
+            print(f"back: first 200 after {recovered:.3f} s, every kind served {time.monotonic() - back:.3f} s after")
 
 
 @pytest.fixture(scope="module")

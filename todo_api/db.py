@@ -17,6 +17,7 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .deadlines import deadline_connection_class, install_wait_callback
+from .outage import OutageBreaker
 from .web import to_json
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class Database:
         # PostgreSQL's READ COMMITTED every statement takes its own snapshot inside a transaction too.
         autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.read_sessionmaker: sessionmaker[Session] | None = sessionmaker(bind=autocommit, expire_on_commit=False)
+        self.outage = OutageBreaker(engine)
 
     def new_session(self, read_only: bool) -> Session:
         maker = (self.read_sessionmaker if read_only else None) or self.sessionmaker
@@ -135,10 +137,12 @@ def get_db() -> Database:
 
 
 def get_session() -> Session:
-    """The request's session, created on first use."""
+    """The request's session, created on first use (DatabaseUnavailable at once while the database is known down)."""
     if "db_session" not in g:
+        db = get_db()
+        db.outage.admit()
         read_only = has_request_context() and request.method in SAFE_METHODS
-        g.db_session = get_db().new_session(read_only=read_only)
+        g.db_session = db.new_session(read_only=read_only)
     return g.db_session
 
 

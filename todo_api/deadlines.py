@@ -30,6 +30,7 @@ import psycopg2.extensions
 
 log = logging.getLogger(__name__)
 
+NO_ANSWER = "no answer within"  # in the error of a deadline that passed (read by outage.py)
 POLL_EVENTS = {psycopg2.extensions.POLL_READ: select.POLLIN, psycopg2.extensions.POLL_WRITE: select.POLLOUT}
 
 
@@ -106,7 +107,7 @@ def wait_with_deadline(connection: Any, _cursor: Any = None) -> None:
             _shut_down(connection)
             phase = "connecting" if connecting else "waiting for a result"
             raise psycopg2.OperationalError(
-                f"could not receive data from server: no answer within {timeout:g} s while {phase}"
+                f"could not receive data from server: {NO_ANSWER} {timeout:g} s while {phase}"
             )
 
 

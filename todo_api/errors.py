@@ -10,6 +10,8 @@ from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException
 
+from .outage import DatabaseUnavailable
+
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = "5"
@@ -83,7 +85,7 @@ def http_error_response(error: HTTPException) -> Response:
 
 def handle_database_error(error: SQLAlchemyError) -> Response:
     """Unreachable or dropped database: 503 so clients retry; anything else is a plain 500."""
-    if isinstance(error, OperationalError | PoolTimeoutError) or (
+    if isinstance(error, OperationalError | PoolTimeoutError | DatabaseUnavailable) or (
         isinstance(error, DBAPIError) and error.connection_invalidated
     ):
         log.warning("database unavailable: %s", type(error).__name__, extra={"request_id": g.get("request_id")})
