@@ -15,7 +15,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import psutil
 import pytest
@@ -27,6 +26,7 @@ from todo_api.cli import alembic_config
 from .fault_injection import scratch_database
 from .helpers import make_token
 from .live_server import KeepAliveClient, live_server, server_env
+from .load_clients import Ledger, audit, run_client
 
 pytestmark = pytest.mark.slow
 
@@ -34,33 +34,10 @@ LOAD_SECONDS = float(os.environ.get("LOAD_SECONDS", "60"))
 CLIENTS = int(os.environ.get("LOAD_CLIENTS", "48"))
 USERS = 8  # several clients share each user's tasks, so writes to one task race
 WORKERS = 2
-THINK_SECONDS = 0.005  # a pause between a client's requests keeps the test process from starving the server
-# Mix of operations on existing tasks; a client creates whenever its user has few tasks.
-OPERATIONS = (("create", 25), ("update", 25), ("toggle", 35), ("delete", 15))
 # Growth allowed for the workers' RSS (summed) between the end of the warm-up and the end of the run. Measured on
 # 2 cores: 147.3 -> 147.5 MiB over 60 s and 27,800 requests (2 workers of some 74 MiB). 20 MiB is far above that
 # noise and still catches a leak of some 750 bytes per request over such a run.
 RSS_GROWTH_LIMIT_BYTES = 20 * 2**20
-
-
-@dataclass
-class TaskRecord:
-    titles: set[str]
-    toggles: int = 0  # successful ones
-    deleted: bool = False  # a 204 was received
-
-
-@dataclass
-class Ledger:
-    """What the clients were told, by task, and every answer's status by operation."""
-
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    tasks: dict[str, TaskRecord] = field(default_factory=dict)
-    live: dict[str, list[str]] = field(default_factory=dict)  # per user, tasks not being deleted
-    statuses: Counter[tuple[str, int]] = field(default_factory=Counter)
-    not_found: list[tuple[str, str]] = field(default_factory=list)  # (operation, task id), allowed if deleted
-    errors: list[str] = field(default_factory=list)
-    slowest: float = 0.0
 
 
 @pytest.fixture(scope="module")
@@ -72,68 +49,6 @@ def load_url(postgres_url: str) -> Iterator[str]:
 
 def workers_rss(pids: list[int]) -> int:
     return sum(psutil.Process(pid).memory_info().rss for pid in pids)
-
-
-def run_client(index: int, base_url: str, users: list[str], ledger: Ledger, deadline: float) -> None:
-    rng = random.Random(index)
-    user = users[index % len(users)]
-    http = KeepAliveClient(base_url, make_token(user, ttl=3600 + int(LOAD_SECONDS)), timeout=30)
-    tasks = f"/api/{user}/tasks"
-    names, weights = zip(*OPERATIONS, strict=True)
-    step = 0
-    try:
-        while time.monotonic() < deadline:
-            step += 1
-            with ledger.lock:
-                live = ledger.live[user]
-                operation = "create" if len(live) < 5 else rng.choices(names, weights)[0]
-                task_id = None
-                if operation != "create":
-                    position = rng.randrange(len(live))
-                    task_id = live[position]
-                    if operation == "delete":  # nobody else picks it from now on
-                        live[position] = live[-1]
-                        live.pop()
-            title = f"c{index} s{step}"
-            if operation == "create":
-                method, path, body = "POST", tasks, {"title": title, "priority": rng.choice(["low", "high"])}
-            elif operation == "update":
-                method, path, body = rng.choice(["PUT", "PATCH"]), f"{tasks}/{task_id}", {"title": title}
-                with ledger.lock:
-                    ledger.tasks[task_id].titles.add(title)  # before sending: it may land even if we time out
-            elif operation == "toggle":
-                method, path, body = "PATCH", f"{tasks}/{task_id}/complete", None
-            else:
-                method, path, body = "DELETE", f"{tasks}/{task_id}", None
-            started = time.monotonic()
-            try:
-                status, _, answer = http.request(method, path, body)
-            except OSError as error:
-                with ledger.lock:
-                    ledger.errors.append(f"{operation} {task_id}: {error!r}")
-                continue
-            elapsed = time.monotonic() - started
-            with ledger.lock:
-                ledger.statuses[operation, status] += 1
-                ledger.slowest = max(ledger.slowest, elapsed)
-                if status == 201 and operation == "create":
-                    ledger.tasks[answer["id"]] = TaskRecord({title})
-                    ledger.live[user].append(answer["id"])
-                elif status == 200 and operation == "toggle":
-                    ledger.tasks[task_id].toggles += 1
-                elif status == 200 and operation == "update" and answer["title"] != title:
-                    ledger.errors.append(f"update {task_id} answered title {answer['title']!r}, sent {title!r}")
-                elif status == 204 and operation == "delete":
-                    ledger.tasks[task_id].deleted = True
-                elif status == 404 and operation in ("toggle", "update"):
-                    ledger.not_found.append((operation, task_id))
-                else:
-                    expected = {"create": 201, "update": 200, "toggle": 200, "delete": 204}[operation]
-                    if status != expected:
-                        ledger.errors.append(f"{operation} {task_id}: {status} {answer}")
-            time.sleep(THINK_SECONDS)
-    finally:
-        http.close()
 
 
 def test_mixed_writes_from_many_keep_alive_clients_lose_nothing(load_url, tmp_path):
@@ -180,26 +95,7 @@ def test_mixed_writes_from_many_keep_alive_clients_lose_nothing(load_url, tmp_pa
     assert "Traceback" not in server_output and "WORKER TIMEOUT" not in server_output, server_output[-5000:]
     assert requests > CLIENTS * LOAD_SECONDS, "the load was too light to mean anything"
 
-    # What the database holds is exactly what the clients were told.
-    engine = create_engine(load_url)
-    try:
-        with engine.connect() as connection:
-            rows = connection.execute(text("SELECT id, user_id, title, status FROM tasks WHERE user_id = ANY(:users)"),
-                                      {"users": users}).all()
-    finally:
-        engine.dispose()
-    stored = {str(row.id): row for row in rows}
-    expected = {task_id for task_id, record in ledger.tasks.items() if not record.deleted}
-    deleted = {task_id for task_id, record in ledger.tasks.items() if record.deleted}
-    assert set(stored) - set(ledger.tasks) == set(), "tasks nobody was told about"
-    assert expected - set(stored) == set(), "created tasks that are missing"
-    assert deleted & set(stored) == set(), "deleted tasks that are still there"
-    wrong_state = [task_id for task_id in expected
-                   if (stored[task_id].status == "completed") != (ledger.tasks[task_id].toggles % 2 == 1)]
-    assert wrong_state == [], f"{len(wrong_state)} tasks whose completion is not the parity of their toggles"
-    wrong_title = [task_id for task_id in expected if stored[task_id].title not in ledger.tasks[task_id].titles]
-    assert wrong_title == []
-    assert all(ledger.tasks[task_id].deleted for _, task_id in ledger.not_found), "404 for a task never deleted"
+    audit(ledger, load_url, users)
 
     # Same workers, no leak.
     assert workers_after == workers_before, "a worker was replaced"

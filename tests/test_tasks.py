@@ -100,24 +100,6 @@ def test_clearing_nullable_fields(client, auth, create_task):
     assert response.json["description"] is None and response.json["due_date"] is None
 
 
-def test_an_update_that_lost_the_race_to_a_delete_is_task_not_found(app, create_task):
-    """The ORM's UPDATE then matches no row; the view turns TaskNotFound into the usual 404."""
-    from sqlalchemy import delete
-
-    from todo_api.db import get_session
-    from todo_api.models import Task
-    from todo_api.repositories import TaskNotFound, get_task, update_task
-
-    created = create_task()
-    with app.app_context():
-        session = get_session()
-        task = get_task(session, "alice", uuid.UUID(created["id"]))
-        # Another request's delete, committed meanwhile: Core on the connection, so this session does not know.
-        session.connection().execute(delete(Task.__table__).where(Task.__table__.c.id == task.id))
-        with pytest.raises(TaskNotFound):
-            update_task(session, task, {"title": "too late"})
-
-
 def test_delete_returns_204_without_body_then_404(client, auth, create_task):
     task = create_task()
     response = client.delete(f"/api/alice/tasks/{task['id']}", headers=auth())
