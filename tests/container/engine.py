@@ -108,8 +108,7 @@ def ensure_packages(binaries: Sequence[str], say: Say) -> None:
         raise EngineUnavailable(f"{', '.join(missing)} missing, and only root with apt-get installs them here")
     say(f"installing {', '.join(missing)} with apt-get")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "-qq", "--no-install-recommends",
-               *missing]
+    install = ["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "-qq", *missing]  # as tried here
     for attempt in ([install], [["apt-get", "-o", "DPkg::Lock::Timeout=600", "update", "-qq"], install]):
         results = [subprocess.run(step, env=env, capture_output=True, text=True, timeout=900) for step in attempt]
         if all(result.returncode == 0 for result in results):
