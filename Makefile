@@ -12,7 +12,7 @@ USER_ID ?= dev-user
 COUNT ?= 100
 GUNICORN := $(BIN)/gunicorn -c gunicorn.conf.py --bind $(HOST):$(PORT) wsgi:app
 
-.PHONY: help venv run test lint migrate seed token clean bench
+.PHONY: help venv run test test-container lint migrate seed token clean bench
 
 help:
 	@echo "make run | test | lint | migrate | seed [USER_ID= COUNT=] | token [USER_ID=] | clean"
@@ -47,6 +47,11 @@ endif
 
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest
+
+# Builds the Dockerfile and runs the image against PostgreSQL (tests/container/): Docker if a daemon answers, else
+# podman with runc, installed with apt-get when missing (as root).
+test-container: $(DEV_STAMP)
+	$(BIN)/python -m pytest -v -p no:cacheprovider tests/container/checks.py
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
