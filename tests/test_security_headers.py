@@ -84,9 +84,9 @@ REQUESTS: dict[str, tuple[str, str, dict[str, Any], int]] = {
     "docs-asset-404": ("GET", "/docs/assets/nope.js", {}, 404),
     "preflight-allowed-origin": ("OPTIONS", "/api/alice/tasks", {"headers": {
         "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "Authorization, Content-Type"}}, 200),
+        "Access-Control-Request-Headers": "Authorization, Content-Type"}}, 204),
     "preflight-other-origin": ("OPTIONS", "/api/alice/tasks", {"headers": {
-        "Origin": "https://evil.example", "Access-Control-Request-Method": "DELETE"}}, 200),
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "DELETE"}}, 204),
     "options-health": ("OPTIONS", "/health", {}, 200),
 }
 

@@ -27,7 +27,6 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.exc import StaleDataError
 
 from .models import PRIORITIES, PRIORITY_RANK, TASK_COLUMNS, TITLE_KEY, Task, TaskCount, UTCDateTime, utcnow
 
@@ -227,14 +226,10 @@ def create_task(session: Session, user_id: str, data: dict[str, Any]) -> Task:
 
 
 def update_task(session: Session, task: Task, changes: dict[str, Any]) -> Task:
-    """Apply changes to a task loaded through get_task (so already scoped to its user); TaskNotFound if a
-    concurrent request deleted it after this one read it (the ORM's UPDATE then matches no row)."""
-    task_id = task.id  # the failed flush expires the object: reading it then would need the dead transaction
+    """Apply changes to a task loaded through get_task(for_update=True): scoped to its user, and locked, so no
+    concurrent request can change or delete it before this one commits."""
     _apply(task, changes, utcnow())
-    try:
-        session.flush()
-    except StaleDataError:
-        raise TaskNotFound(task_id) from None
+    session.flush()
     return task
 
 
