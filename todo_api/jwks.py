@@ -8,7 +8,8 @@
   body trickled over 12 s held its callers 12 s. `fetch_jwks` (http.client) gives the whole fetch one deadline,
   `FETCH_TIMEOUT`, and does what PyJWKClient did: http/https only, no redirects, our User-Agent.
 - **Never a lock across network I/O.** A fetch runs in its own short-lived thread; requests that need its result
-  wait for it at most the deadline, requests with a cached key (and HS256 ones) never wait for it.
+  wait for it at most the deadline (two per worker; the others a quarter second), requests with a cached key
+  (and HS256 ones) never wait for it.
 - **Keys are checked** (RFC 7518 §3.3, RFC 8725): RSA under 2048 bits, small-order Ed25519/Ed448 points, `key_ops`
   without `verify`, and kids that appear twice are refused, each logged once. PyJWK builds the keys.
 """
@@ -42,6 +43,11 @@ USER_AGENT = f"todo-api/1.0 (JWKS client; PyJWT/{jwt.__version__})"
 REFRESH_INTERVAL = 30.0  # at most one fetch per this many seconds for unknown kids, whatever tokens arrive (contract)
 MAX_AGE = 300.0  # a key check is trusted this long: a key removed from the JWKS stops working within it (contract)
 FETCH_TIMEOUT = 3.0  # total deadline of one fetch (connect, headers, body); also the longest a request waits for one
+# A worker has few threads (gunicorn: 4): if all of them waited the whole deadline for a slow fetch, HS256 and
+# cached-key requests would queue behind them. So only this many requests per worker wait the whole deadline;
+# the others wait until the fetch is SHORT_WAIT old (longer than a healthy fetch takes), then get 503.
+PATIENT_WAITERS = 2
+SHORT_WAIT = 0.25
 MAX_JWKS_BYTES = 1 << 20  # Better Auth's JWKS is well under 1 KiB per key
 
 # RFC 9864: Ed25519 and Ed448 are the fully specified names of EdDSA. PyJWT 2.15 knows only "EdDSA", whose
@@ -259,14 +265,14 @@ class JWKSCache:
     """kid -> PublishedKey for one JWKS URL, shared by the threads of a worker, backed by a JWKSStore.
 
     - Nothing is read until the first token needs a key, so start-up never depends on the auth server. The
-      first need reads the shared document; only if there is none, or it is older than `max_age -
-      refresh_interval`, is Better Auth asked.
+      first need reads the shared document (a database read, in that request); Better Auth is asked only when
+      there is none, when it lacks the token's kid, or when it is older than `max_age - refresh_interval`.
     - An unknown kid triggers a fetch at most once per `refresh_interval` (30 s): a flood of random kids costs
       the auth server one request per 30 s. A kid missing from a fetch made for it is unknown (401); a kid
       that arrives while the next fetch is held back may have been published since: 503 with Retry-After.
     - A key check is trusted `max_age` (5 minutes). Keys are re-fetched in the background from `max_age -
       refresh_interval` on, so under traffic nobody waits; a request whose keys are past `max_age` waits for the
-      re-fetch (at most the deadline), unless the last fetch failed. A failed fetch keeps the keys we have.
+      re-fetch (see `_wait`), unless the last fetch failed. A failed fetch keeps the keys we have.
     """
 
     def __init__(
@@ -292,8 +298,11 @@ class JWKSCache:
         self._unknown_kid_fetch_at: float | None = None  # this worker's last fetch caused by an unknown kid
         self._available = True  # whether this worker's last fetch succeeded
         self._store_read = False
+        self._store_lock = threading.Lock()
         self._lock = threading.Lock()  # guards the fields below; never held across I/O
         self._running: threading.Event | None = None  # set when the fetch in flight ends
+        self._running_since = self._running_until = 0.0  # time.monotonic() when the fetch in flight began/gives up
+        self._waiting = 0  # requests waiting for it
         self._refused: set[tuple[str, str]] = set()
 
     # --- what requests call ---------------------------------------------------------------------------------
@@ -302,7 +311,7 @@ class JWKSCache:
         """The key for `kid`; None when the JWKS does not have it; JWKSUnavailable when we cannot tell (503)."""
         arrived = self.clock()
         if not self._store_read:
-            self._wait(self._start(from_store=True))
+            self._read_store()
         key = self._keys.get(kid)
         if key is not None:
             age = self.age()
@@ -358,36 +367,51 @@ class JWKSCache:
         return last is None or self.clock() - last >= self.refresh_interval
 
     def _wait(self, running: threading.Event | None) -> None:
-        if running is not None:
-            running.wait(self.timeout + 0.5)  # the fetch has the same deadline; the margin covers scheduling
+        """Wait for a fetch until its deadline (a few requests) or SHORT_WAIT (the others)."""
+        if running is None:
+            return
+        with self._lock:
+            patient = self._waiting < PATIENT_WAITERS
+            self._waiting += 1
+        try:
+            until = self._running_until if patient else min(self._running_until, self._running_since + SHORT_WAIT)
+            running.wait(max(0.0, until - time.monotonic()))
+        finally:
+            with self._lock:
+                self._waiting -= 1
 
-    def _start(self, *, from_store: bool = False, due: bool = True) -> threading.Event | None:
+    def _read_store(self) -> None:
+        """Once per worker, before its first key lookup: adopt the shared JWKS, if any.
+
+        In the request's thread, under a lock of its own: a database read, as any request makes, and only
+        the requests that find no keys yet wait for it.
+        """
+        with self._store_lock:
+            if self._store_read:
+                return
+            stored = self.store.load(self.url) if self.store is not None else None
+            if stored is not None:
+                self._adopt(stored[0], self.clock() - stored[1])
+            self._store_read = True
+
+    def _start(self, *, due: bool = True) -> threading.Event | None:
         """Start a fetch unless one is in flight; return the event of the fetch in flight (None: none)."""
         with self._lock:
             if self._running is not None:
                 return self._running
-            if from_store and self._store_read:
-                return None
-            if not due and not from_store:
+            if not due:
                 return None
             running = self._running = threading.Event()
-            if not from_store:
-                self._attempted_at = self.clock()
-        thread = threading.Thread(target=self._run, args=(running, from_store), name="jwks-fetch", daemon=True)
+            self._attempted_at = self.clock()
+            self._running_since = time.monotonic()
+            # The fetch's own deadline, plus a margin for scheduling.
+            self._running_until = self._running_since + self.timeout + 0.5
+        thread = threading.Thread(target=self._run, args=(running,), name="jwks-fetch", daemon=True)
         thread.start()
         return running
 
-    def _run(self, running: threading.Event, from_store: bool) -> None:
+    def _run(self, running: threading.Event) -> None:
         try:
-            if from_store:
-                self._store_read = True
-                stored = self.store.load(self.url) if self.store is not None else None
-                if stored is not None:
-                    self._adopt(stored[0], self.clock() - stored[1])
-                if self.age() < self.max_age - self.refresh_interval:
-                    return
-                # This fetch is for the token that found no keys: it counts as that token's unknown-kid fetch.
-                self._attempted_at = self._unknown_kid_fetch_at = self.clock()
             self._fetch()
         except Exception:  # a bug here must not leave waiters hanging or kill the worker
             log.exception("JWKS refresh from %s failed", self.url)
