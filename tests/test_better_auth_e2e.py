@@ -146,6 +146,7 @@ def test_real_better_auth_rotation_removal_and_outage(better_auth_installed, pos
             clock.now += 300
             assert client.get("/api/me", headers=bearer(old_token)).status_code == 401
             assert client.get("/api/me", headers=bearer(new_token)).status_code == 200
+            app.extensions[EXTENSION].jwks.wait_idle(5)  # its last fetch is shared in the database
 
         # Outage: Better Auth is stopped. A worker started now verifies with the JWKS shared in the database.
         started_during_outage = worker(database_url, better_auth.url, clock)

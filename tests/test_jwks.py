@@ -276,6 +276,12 @@ def me(client: Any, token: str) -> Any:
     return client.get("/api/me", headers=bearer(token))
 
 
+def settled(client: Any) -> Any:
+    """The client, once its app's last JWKS fetch has ended and been shared."""
+    client.application.extensions[EXTENSION].jwks.wait_idle(5)
+    return client
+
+
 def assert_invalid(response: Any, body: dict[str, str] = INVALID) -> None:
     assert response.status_code == 401, response.json
     assert response.json == body
@@ -556,7 +562,7 @@ def test_keys_are_refetched_in_the_background_before_they_are_5_minutes_old(clie
     assert server.fetches == 1
     clock.advance(1)
     assert me(client, tokens.sign()).status_code == 200  # answered with the cached key; a re-fetch started
-    client.application.extensions[EXTENSION].jwks.wait_idle(5)
+    settled(client)
     assert server.fetches == 2
     clock.advance(260)
     assert me(client, tokens.sign()).status_code == 200  # 260 s after the re-fetch: no fetch
@@ -573,7 +579,7 @@ def test_a_key_removed_from_the_jwks_stops_working_within_max_age_cached_tokens_
     assert me(client, cached_token).status_code == 200  # a cache hit
     clock.advance(199)
     assert me(client, tokens.sign(key=old)).status_code == 200  # the key check is 299 s old: still trusted
-    client.application.extensions[EXTENSION].jwks.wait_idle(5)  # the re-fetch it started in the background
+    settled(client)  # the re-fetch it started in the background
     clock.advance(1)
     assert_invalid(me(client, tokens.sign(key=old)))
     assert_invalid(me(client, cached_token))  # the cache entry lived no longer than the key check behind it
@@ -648,6 +654,7 @@ def test_a_hanging_auth_server_costs_at_most_the_timeout(server, clock):
 def test_a_new_worker_during_an_outage_verifies_with_the_shared_jwks(make_app, tokens, server, shared_jwks):
     first = make_app().test_client()
     assert me(first, tokens.sign()).status_code == 200
+    settled(first)
     assert shared_jwks() == [f"{server.origin}/api/auth/jwks"]
     server.stop()
     for _ in range(2):  # a worker started (or recycled by max_requests, or restarted) while Better Auth is down
@@ -657,7 +664,9 @@ def test_a_new_worker_during_an_outage_verifies_with_the_shared_jwks(make_app, t
 
 
 def test_a_new_worker_reads_a_fresh_shared_jwks_without_asking_the_auth_server(make_app, tokens, server, clock):
-    assert me(make_app().test_client(), tokens.sign()).status_code == 200
+    first = make_app().test_client()
+    assert me(first, tokens.sign()).status_code == 200
+    settled(first)
     assert server.fetches == 1
     later = make_app().test_client()
     for alg in ALGORITHMS:
@@ -671,7 +680,9 @@ def test_a_new_worker_reads_a_fresh_shared_jwks_without_asking_the_auth_server(m
 
 @pytest.mark.parametrize(("age", "first_answer"), [(271, 200), (301, 401)])
 def test_a_new_worker_refetches_an_old_shared_jwks(make_app, tokens, server, database_url, age, first_answer):
-    assert me(make_app().test_client(), tokens.sign()).status_code == 200
+    first = make_app().test_client()
+    assert me(first, tokens.sign()).status_code == 200
+    settled(first)
     engine = create_engine(database_url)
     with engine.begin() as connection:
         connection.execute(text("UPDATE jwks_documents SET fetched_at = now() - make_interval(secs => :age) "
@@ -681,7 +692,7 @@ def test_a_new_worker_refetches_an_old_shared_jwks(make_app, tokens, server, dat
     later = make_app().test_client()
     # Under 5 minutes the shared check still holds (re-fetched in the background); over, it is redone first.
     assert me(later, tokens.sign()).status_code == first_answer
-    later.application.extensions[EXTENSION].jwks.wait_idle(5)
+    settled(later)
     assert_invalid(me(later, tokens.sign()))
     assert me(later, tokens.sign("ES256")).status_code == 200
     assert server.fetches == 2

@@ -303,6 +303,7 @@ class JWKSCache:
         self._running: threading.Event | None = None  # set when the fetch in flight ends
         self._running_since = self._running_until = 0.0  # time.monotonic() when the fetch in flight began/gives up
         self._waiting = 0  # requests waiting for it
+        self._thread: threading.Thread | None = None  # the last fetch's
         self._refused: set[tuple[str, str]] = set()
 
     # --- what requests call ---------------------------------------------------------------------------------
@@ -353,10 +354,10 @@ class JWKSCache:
         return max(0.0, self.max_age - self.age())
 
     def wait_idle(self, timeout: float | None = None) -> None:
-        """Wait for the fetch in flight, if any (tests; a background refresh)."""
-        running = self._running
-        if running is not None:
-            running.wait(timeout)
+        """Wait for the last fetch, and its write to the store, to end (tests)."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
 
     # --- fetching -------------------------------------------------------------------------------------------
 
@@ -406,21 +407,25 @@ class JWKSCache:
             self._running_since = time.monotonic()
             # The fetch's own deadline, plus a margin for scheduling.
             self._running_until = self._running_since + self.timeout + 0.5
-        thread = threading.Thread(target=self._run, args=(running,), name="jwks-fetch", daemon=True)
+        thread = self._thread = threading.Thread(target=self._run, args=(running,), name="jwks-fetch", daemon=True)
         thread.start()
         return running
 
     def _run(self, running: threading.Event) -> None:
+        document = None
         try:
-            self._fetch()
+            document = self._fetch()
         except Exception:  # a bug here must not leave waiters hanging or kill the worker
             log.exception("JWKS refresh from %s failed", self.url)
         finally:
             with self._lock:
                 self._running = None
             running.set()
+        if document is not None and self.store is not None:  # after the waiters have their answer
+            self.store.save(self.url, document)
 
-    def _fetch(self) -> None:
+    def _fetch(self) -> dict[str, Any] | None:
+        """One fetch; the document when it gave keys. Any failure keeps the keys we have."""
         started = self.clock()
         try:
             document = fetch_jwks(self.url, self.timeout)
@@ -428,11 +433,10 @@ class JWKSCache:
         except (JWKSFetchError, ValueError) as error:
             self._available = False
             log.warning("JWKS fetch from %s failed (%s); keeping %d cached key(s)", self.url, error, len(self._keys))
-            return
+            return None
         self._keys, self._checked_at, self._available = keys, started, True
         log.info("JWKS fetched from %s: %d key(s)", self.url, len(keys))
-        if self.store is not None:
-            self.store.save(self.url, document)
+        return document
 
     def _adopt(self, document: Any, checked_at: float) -> None:
         try:
