@@ -741,7 +741,7 @@ def test_requests_waiting_for_a_slow_fetch_give_up_within_the_deadline(server, t
     assert outcomes == ["503"] * 16
     durations.sort()
     assert durations[-1] < 3.0, durations  # the fetch's deadline (2 s), and no more
-    assert durations[-3] < 1.2, durations  # all but two waiters give up after a quarter second, freeing threads
+    assert durations[-3] < 1.2, durations  # all but two waiters give up after half a second, freeing threads
     assert server.fetches == 1
 
 

@@ -8,8 +8,8 @@
   body trickled over 12 s held its callers 12 s. `fetch_jwks` (http.client) gives the whole fetch one deadline,
   `FETCH_TIMEOUT`, and does what PyJWKClient did: http/https only, no redirects, our User-Agent.
 - **Never a lock across network I/O.** A fetch runs in its own short-lived thread; requests that need its result
-  wait for it at most the deadline (two per worker; the others a quarter second), requests with a cached key
-  (and HS256 ones) never wait for it.
+  wait for it at most the deadline (two per worker; the others until it is half a second old), requests with a
+  cached key (and HS256 ones) never wait for it.
 - **Keys are checked** (RFC 7518 §3.3, RFC 8725): RSA under 2048 bits, small-order Ed25519/Ed448 points, `key_ops`
   without `verify`, and kids that appear twice are refused, each logged once. PyJWK builds the keys.
 """
@@ -45,9 +45,10 @@ MAX_AGE = 300.0  # a key check is trusted this long: a key removed from the JWKS
 FETCH_TIMEOUT = 3.0  # total deadline of one fetch (connect, headers, body); also the longest a request waits for one
 # A worker has few threads (gunicorn: 4): if all of them waited the whole deadline for a slow fetch, HS256 and
 # cached-key requests would queue behind them. So only this many requests per worker wait the whole deadline;
-# the others wait until the fetch is SHORT_WAIT old (longer than a healthy fetch takes), then get 503.
+# the others wait until the fetch is SHORT_WAIT old (longer than a healthy fetch takes, even to a remote
+# auth server), then get 503.
 PATIENT_WAITERS = 2
-SHORT_WAIT = 0.25
+SHORT_WAIT = 0.5
 MAX_JWKS_BYTES = 1 << 20  # Better Auth's JWKS is well under 1 KiB per key
 
 # RFC 9864: Ed25519 and Ed448 are the fully specified names of EdDSA. PyJWT 2.15 knows only "EdDSA", whose
