@@ -586,6 +586,28 @@ def test_a_key_removed_from_the_jwks_stops_working_within_max_age_cached_tokens_
     assert me(client, tokens.sign("ES256", key=new)).status_code == 200
 
 
+def test_a_recheck_that_lands_during_verification_does_not_extend_the_cache_entry(client, tokens, server, clock,
+                                                                                monkeypatch):
+    assert me(client, tokens.sign()).status_code == 200
+    jwks = client.application.extensions[EXTENSION].jwks
+    lookup = jwks.get
+
+    def lookup_then_let_the_background_recheck_land(kid: str) -> Any:
+        key = lookup(kid)
+        jwks.wait_idle(5)
+        return key
+
+    monkeypatch.setattr(jwks, "get", lookup_then_let_the_background_recheck_land)
+    clock.advance(280)
+    server.keys = [tokens.keys["ES256"].jwk]  # the EdDSA key is removed; the re-check started now will see it
+    token = tokens.sign()
+    assert me(client, token).status_code == 200  # verified with the key of the check made at 0 s
+    clock.advance(19)
+    assert me(client, token).status_code == 200  # cached, within 300 s of that check
+    clock.advance(1)
+    assert_invalid(me(client, token))  # not cached until 300 s after the re-check that dropped the key
+
+
 def test_an_idle_worker_rechecks_keys_older_than_5_minutes_before_using_them(client, tokens, server, clock):
     old, new = tokens.keys["EdDSA"], tokens.keys["ES256"]
     cached_token = tokens.sign(key=old)

@@ -172,7 +172,7 @@ class Authenticator:
         return claims
 
     def _verify(self, token: str) -> tuple[dict[str, Any], float | None]:
-        """The claims, and how long they may be cached beyond nothing but exp (None: until exp)."""
+        """The claims, and for how long at most they may be cached besides their exp (None: until exp)."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -183,10 +183,14 @@ class Authenticator:
         # alg none, HS512, ES384, ... and kid-less tokens are refused here, before any network work.
         if self.jwks is None or not isinstance(alg, str) or alg not in SUPPORTED_ALGORITHMS or not isinstance(kid, str):
             raise TokenError(INVALID_TOKEN)
+        # The cache entry lives no longer than the key check the key came from. Read before and after the lookup:
+        # a re-check that lands in between (another thread's) may have dropped the key we hold, so the older check
+        # bounds the entry, unless there was none still valid before (then the lookup made the check).
+        trusted_before = self.jwks.trusted_for()
         key = self.jwks.get(kid)
         if key is None:
             raise TokenError(INVALID_TOKEN)
-        ttl = self.jwks.trusted_for()  # read before verifying: the key check this verification relies on
+        ttl = self.jwks.trusted_for() if trusted_before == 0 else min(trusted_before, self.jwks.trusted_for())
         # Only the key's own algorithms: an ES256 header on an RSA key, RS256 on a PS256 key, Ed448 on an Ed25519
         # key fail. The raw key, not the PyJWK, so that an Ed25519 key verifies both "EdDSA" and "Ed25519".
         claims = verify(token, key.key, key.algorithms, self.jwks_issuers, self.jwks_audiences, self.leeway)
