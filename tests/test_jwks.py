@@ -20,14 +20,15 @@ from typing import Any
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from flask import Flask
-from jwt.algorithms import get_default_algorithms
+from jwt.algorithms import OKPAlgorithm, get_default_algorithms
+from sqlalchemy import create_engine, text
 
 from todo_api import create_app
 from todo_api.auth import EXTENSION, Authenticator, TokenCache
 from todo_api.config import ConfigError, load_config
-from todo_api.jwks import USER_AGENT, JWKSCache, JWKSUnavailable, parse_jwks, pinned_algorithm
+from todo_api.jwks import USER_AGENT, JWKSCache, JWKSStore, JWKSUnavailable, key_algorithms, parse_jwks
 
 from .helpers import SECRET, UNREACHABLE_DATABASE_URL, b64url, bearer, hs256, make_config, make_token, segment
 
@@ -99,13 +100,15 @@ class Tokens:
 class JWKSServer:
     """A JWKS endpoint on 127.0.0.1 that counts its fetches and can fail on demand.
 
-    mode: "ok"; "error" (HTTP 503); "garbage" (200, not JSON); "hang" (no answer until teardown).
+    mode: "ok"; "error" (HTTP 503); "garbage" (200, not JSON); "hang" (no answer until teardown);
+    "trickle" (200, the body one byte every `trickle_delay` seconds).
     stop()/start() close and reopen the port, for connection refused.
     """
 
     def __init__(self, jwks: list[dict[str, Any]]) -> None:
         self.keys = list(jwks)
         self.mode = "ok"
+        self.trickle_delay = 0.1
         self.requests: list[tuple[str, str | None]] = []  # (path, User-Agent)
         self.unblock = threading.Event()
         self.port = 0
@@ -138,7 +141,14 @@ class JWKSServer:
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
-                    self.wfile.write(body)
+                    if endpoint.mode == "trickle":
+                        for byte in body:
+                            if endpoint.unblock.wait(endpoint.trickle_delay):
+                                return
+                            self.wfile.write(bytes([byte]))
+                            self.wfile.flush()
+                    else:
+                        self.wfile.write(body)
                 except OSError:  # the client gave up (timeout test)
                     pass
 
@@ -200,20 +210,51 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def make_app(database_url: str, server: JWKSServer, clock: Clock) -> Iterator[Callable[..., Flask]]:
-    """make_app(**config) -> an app with BETTER_AUTH_URL = the local endpoint, the shared secret, the fake clock."""
+def shared_jwks(database_url: str, server: JWKSServer) -> Iterator[Callable[[], list[str]]]:
+    """The shared JWKS rows of this test's endpoint (a port may be reused within a run): cleared before and after.
+
+    Calling it returns the stored URLs.
+    """
+    engine = create_engine(database_url)
+
+    def clear() -> None:
+        with engine.begin() as connection:
+            connection.execute(text("DELETE FROM jwks_documents WHERE url LIKE :origin || '/%'"),
+                               {"origin": server.origin})
+
+    def stored() -> list[str]:
+        with engine.connect() as connection:
+            return list(connection.execute(text("SELECT url FROM jwks_documents WHERE url LIKE :origin || '/%'"),
+                                           {"origin": server.origin}).scalars())
+
+    clear()
+    yield stored
+    clear()
+    engine.dispose()
+
+
+@pytest.fixture
+def make_app(database_url: str, server: JWKSServer, clock: Clock, shared_jwks: Any) -> Iterator[Callable[..., Flask]]:
+    """make_app(**config) -> an app with BETTER_AUTH_URL = the local endpoint, the shared secret, the fake clock.
+
+    Each app is a fresh worker: its own key and token caches, the database's shared JWKS.
+    """
     apps: list[Flask] = []
 
     def build(**overrides: Any) -> Flask:
         app = create_app(make_config(database_url, BETTER_AUTH_URL=server.origin, **overrides))
-        jwks = app.extensions[EXTENSION].jwks
-        if jwks is not None:
-            jwks.clock = clock
+        authenticator = app.extensions[EXTENSION]
+        authenticator.tokens.clock = clock
+        if authenticator.jwks is not None:
+            authenticator.jwks.clock = clock
         apps.append(app)
         return app
 
     yield build
     for app in apps:
+        jwks = app.extensions[EXTENSION].jwks
+        if jwks is not None:
+            jwks.wait_idle(5)
         app.extensions["db"].engine.dispose()
 
 
@@ -233,6 +274,12 @@ def jwks_only_client(make_app: Callable[..., Flask]) -> Any:
 
 def me(client: Any, token: str) -> Any:
     return client.get("/api/me", headers=bearer(token))
+
+
+def settled(client: Any) -> Any:
+    """The client, once its app's last JWKS fetch has ended and been shared."""
+    client.application.extensions[EXTENSION].jwks.wait_idle(5)
+    return client
 
 
 def assert_invalid(response: Any, body: dict[str, str] = INVALID) -> None:
@@ -439,12 +486,20 @@ def test_start_up_does_not_fetch_nor_need_the_auth_server(make_app, server, toke
     assert me(client, make_token("bob")).status_code == 200  # and so does HS256
 
 
+def assert_unavailable(response: Any, retry_after: str) -> None:
+    assert (response.status_code, response.json, response.headers.get("Retry-After")) == (
+        503, UNAVAILABLE, retry_after), response.json
+
+
 def test_unknown_kids_refresh_at_most_once_per_30_seconds(client, tokens, server, clock):
-    for _ in range(20):
+    for _ in range(20):  # the first, lazy fetch was made for these tokens: their kids are not published
         assert_invalid(me(client, tokens.sign(kid=uuid.uuid4().hex)))
-    assert server.fetches == 1  # the first, lazy fetch
-    clock.advance(29.9)
-    assert_invalid(me(client, tokens.sign(kid=uuid.uuid4().hex)))
+    assert server.fetches == 1
+    clock.advance(1)
+    for _ in range(20):  # held back: perhaps published since, so 503 and when to come back, never 401
+        assert_unavailable(me(client, tokens.sign(kid=uuid.uuid4().hex)), "29")
+    clock.advance(28.9)
+    assert_unavailable(me(client, tokens.sign(kid=uuid.uuid4().hex)), "1")
     assert server.fetches == 1
     clock.advance(0.1)
     for _ in range(20):
@@ -471,16 +526,19 @@ def test_concurrent_unknown_kids_share_one_fetch(server, clock):
     assert server.fetches == 1
 
 
-def test_rotation_old_and_new_keys_both_verify(client, tokens, server, clock):
+def test_a_key_published_after_the_last_fetch_is_never_401(client, tokens, server, clock):
     old = tokens.keys["EdDSA"]
     server.keys = [old.jwk]
     assert me(client, tokens.sign()).status_code == 200
     new = new_key("EdDSA")
     server.keys = [new.jwk, old.jwk]  # Better Auth keeps the old key during its grace period
     clock.advance(5)
-    assert_invalid(me(client, tokens.sign(key=new)))  # within 30 s of the last fetch: not fetched again
-    clock.advance(25)
-    assert me(client, tokens.sign(key=new)).status_code == 200
+    token = tokens.sign(key=new)
+    assert_unavailable(me(client, token), "25")  # within 30 s of the last fetch: come back in 25 s
+    clock.advance(10)
+    assert_unavailable(me(client, tokens.sign(key=new)), "15")  # the frontend's retry with a fresh token
+    clock.advance(15)
+    assert me(client, token).status_code == 200
     assert me(client, tokens.sign(key=old)).status_code == 200
     assert server.fetches == 2
 
@@ -497,18 +555,68 @@ def test_a_routine_refresh_just_before_a_rotation_does_not_delay_the_new_key(cli
     assert server.fetches == 3
 
 
-def test_a_key_removed_from_the_jwks_stops_working_after_max_age_except_cached_tokens(client, tokens, server, clock):
+def test_keys_are_refetched_in_the_background_before_they_are_5_minutes_old(client, tokens, server, clock):
+    assert me(client, tokens.sign()).status_code == 200
+    clock.advance(269)
+    assert me(client, tokens.sign()).status_code == 200
+    assert server.fetches == 1
+    clock.advance(1)
+    assert me(client, tokens.sign()).status_code == 200  # answered with the cached key; a re-fetch started
+    settled(client)
+    assert server.fetches == 2
+    clock.advance(260)
+    assert me(client, tokens.sign()).status_code == 200  # 260 s after the re-fetch: no fetch
+    assert server.fetches == 2
+
+
+def test_a_key_removed_from_the_jwks_stops_working_within_max_age_cached_tokens_included(
+        client, tokens, server, clock):
     old, new = tokens.keys["EdDSA"], tokens.keys["ES256"]
     cached_token = tokens.sign(key=old)
     assert me(client, cached_token).status_code == 200
     server.keys = [new.jwk]  # grace period over: the old key is gone
-    clock.advance(299)
-    assert me(client, tokens.sign(key=old)).status_code == 200  # keys are re-checked after 300 s only
+    clock.advance(100)
+    assert me(client, cached_token).status_code == 200  # a cache hit
+    clock.advance(199)
+    assert me(client, tokens.sign(key=old)).status_code == 200  # the key check is 299 s old: still trusted
+    settled(client)  # the re-fetch it started in the background
     clock.advance(1)
     assert_invalid(me(client, tokens.sign(key=old)))
+    assert_invalid(me(client, cached_token))  # the cache entry lived no longer than the key check behind it
     assert me(client, tokens.sign("ES256", key=new)).status_code == 200
-    # The documented staleness: an already verified token stays valid until its exp.
+
+
+def test_a_recheck_that_lands_during_verification_does_not_extend_the_cache_entry(client, tokens, server, clock,
+                                                                                monkeypatch):
+    assert me(client, tokens.sign()).status_code == 200
+    jwks = client.application.extensions[EXTENSION].jwks
+    lookup = jwks.get
+
+    def lookup_then_let_the_background_recheck_land(kid: str) -> Any:
+        key = lookup(kid)
+        jwks.wait_idle(5)
+        return key
+
+    monkeypatch.setattr(jwks, "get", lookup_then_let_the_background_recheck_land)
+    clock.advance(280)
+    server.keys = [tokens.keys["ES256"].jwk]  # the EdDSA key is removed; the re-check started now will see it
+    token = tokens.sign()
+    assert me(client, token).status_code == 200  # verified with the key of the check made at 0 s
+    clock.advance(19)
+    assert me(client, token).status_code == 200  # cached, within 300 s of that check
+    clock.advance(1)
+    assert_invalid(me(client, token))  # not cached until 300 s after the re-check that dropped the key
+
+
+def test_an_idle_worker_rechecks_keys_older_than_5_minutes_before_using_them(client, tokens, server, clock):
+    old, new = tokens.keys["EdDSA"], tokens.keys["ES256"]
+    cached_token = tokens.sign(key=old)
     assert me(client, cached_token).status_code == 200
+    server.keys = [new.jwk]
+    clock.advance(300)  # no request in the background-refresh window
+    assert_invalid(me(client, cached_token))
+    assert_invalid(me(client, tokens.sign(key=old)))
+    assert server.fetches == 2
 
 
 # --- outages ------------------------------------------------------------------------------------------------------
@@ -562,36 +670,290 @@ def test_a_hanging_auth_server_costs_at_most_the_timeout(server, clock):
     assert raised.value.retry_after == 30
 
 
+# --- the last good JWKS, shared by every worker and instance through the database --------------------------------
+
+
+def test_a_new_worker_during_an_outage_verifies_with_the_shared_jwks(make_app, tokens, server, shared_jwks):
+    first = make_app().test_client()
+    assert me(first, tokens.sign()).status_code == 200
+    settled(first)
+    assert shared_jwks() == [f"{server.origin}/api/auth/jwks"]
+    server.stop()
+    for _ in range(2):  # a worker started (or recycled by max_requests, or restarted) while Better Auth is down
+        response = me(make_app().test_client(), tokens.sign("ES256"))
+        assert response.status_code == 200, response.json
+    assert_unavailable(me(make_app().test_client(), tokens.sign(key=new_key("EdDSA"))), "30")
+
+
+def test_a_new_worker_reads_a_fresh_shared_jwks_without_asking_the_auth_server(make_app, tokens, server, clock):
+    first = make_app().test_client()
+    assert me(first, tokens.sign()).status_code == 200
+    settled(first)
+    assert server.fetches == 1
+    later = make_app().test_client()
+    for alg in ALGORITHMS:
+        assert me(later, tokens.sign(alg)).status_code == 200
+    assert server.fetches == 1
+    new = new_key("EdDSA")
+    server.keys = [*server.keys, new.jwk]
+    assert me(later, tokens.sign(key=new)).status_code == 200  # unknown kid: asks the auth server itself
+    assert server.fetches == 2
+
+
+@pytest.mark.parametrize(("age", "first_answer"), [(271, 200), (301, 401)])
+def test_a_new_worker_refetches_an_old_shared_jwks(make_app, tokens, server, database_url, age, first_answer):
+    first = make_app().test_client()
+    assert me(first, tokens.sign()).status_code == 200
+    settled(first)
+    engine = create_engine(database_url)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE jwks_documents SET fetched_at = now() - make_interval(secs => :age) "
+                                "WHERE url LIKE :origin || '/%'"), {"age": age, "origin": server.origin})
+    engine.dispose()
+    server.keys = [tokens.keys["ES256"].jwk]  # the EdDSA key was removed meanwhile
+    later = make_app().test_client()
+    # Under 5 minutes the shared check still holds (re-fetched in the background); over, it is redone first.
+    assert me(later, tokens.sign()).status_code == first_answer
+    settled(later)
+    assert_invalid(me(later, tokens.sign()))
+    assert me(later, tokens.sign("ES256")).status_code == 200
+    assert server.fetches == 2
+
+
+def test_a_database_outage_does_not_stop_jwks_verification(server, tokens):
+    store = JWKSStore(create_engine(UNREACHABLE_DATABASE_URL))
+    cache = JWKSCache(f"{server.origin}/api/auth/jwks", store=store)
+    assert cache.get(tokens.keys["EdDSA"].kid) is not None
+    assert server.fetches == 1
+
+
+# --- a slow auth server --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("delay", [pytest.param(0.05, id="a-byte-every-50-ms"), pytest.param(5, id="stalled-body")])
+def test_a_trickling_auth_server_costs_at_most_the_total_deadline(server, clock, delay):
+    server.mode, server.trickle_delay = "trickle", delay  # the whole JWKS would take minutes
+    cache = JWKSCache(f"{server.origin}/api/auth/jwks", clock=clock, timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(JWKSUnavailable):
+        cache.get("any")
+    assert time.monotonic() - started < 1.8
+    cache.wait_idle(5)
+
+
+def test_requests_waiting_for_a_slow_fetch_give_up_within_the_deadline(server, tokens, clock):
+    server.mode, server.trickle_delay = "trickle", 0.05
+    cache = JWKSCache(f"{server.origin}/api/auth/jwks", clock=clock, timeout=2.0)
+    start, durations, outcomes = threading.Barrier(16), [], []
+
+    def lookup() -> None:
+        start.wait()
+        began = time.monotonic()
+        try:
+            outcomes.append(cache.get(tokens.keys["EdDSA"].kid))
+        except JWKSUnavailable:
+            outcomes.append("503")
+        durations.append(time.monotonic() - began)
+
+    threads = [threading.Thread(target=lookup) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes == ["503"] * 16
+    durations.sort()
+    assert durations[-1] < 3.0, durations  # the fetch's deadline (2 s), and no more
+    assert durations[-3] < 1.2, durations  # all but two waiters give up after half a second, freeing threads
+    assert server.fetches == 1
+
+
+def test_cached_key_and_hs256_requests_never_wait_for_a_fetch(make_app, tokens, server, clock):
+    client = make_app().test_client()
+    assert me(client, tokens.sign()).status_code == 200
+    server.mode, server.trickle_delay = "trickle", 0.05
+    clock.advance(280)  # keys due for a background re-fetch
+    new = new_key("EdDSA")
+    waiting = threading.Thread(target=lambda: me(client, tokens.sign(key=new)))
+    began = time.monotonic()
+    assert me(client, tokens.sign()).status_code == 200  # starts the background re-fetch, which trickles
+    waiting.start()  # an unknown kid waits for that fetch
+    for token in (tokens.sign(), tokens.sign("ES256"), make_token("bob")):
+        assert me(client, token).status_code == 200
+    assert time.monotonic() - began < 1.5  # the trickled fetch lasts its whole deadline, 3 s
+    waiting.join()
+    assert server.fetches == 2
+
+
 # --- key handling units -------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("jwk", "expected"),
     [
-        ({"kty": "OKP", "crv": "Ed25519"}, "EdDSA"),
-        ({"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA"}, "EdDSA"),
-        ({"kty": "OKP", "crv": "Ed448", "alg": "EdDSA"}, None),
-        ({"kty": "EC", "crv": "P-256", "alg": "ES256"}, "ES256"),
-        ({"kty": "EC", "crv": "P-256", "alg": "ES512"}, None),
-        ({"kty": "EC", "crv": "P-384", "alg": "ES384"}, None),
-        ({"kty": "EC", "crv": "P-521"}, "ES512"),
-        ({"kty": "RSA"}, "RS256"),
-        ({"kty": "RSA", "alg": "PS256"}, "PS256"),
-        ({"kty": "RSA", "alg": "RS512"}, None),
-        ({"kty": "RSA", "alg": "HS256"}, None),
-        ({"kty": "oct", "alg": "HS256"}, None),
+        ({"kty": "OKP", "crv": "Ed25519"}, ("EdDSA", "Ed25519")),
+        ({"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA"}, ("EdDSA", "Ed25519")),
+        ({"kty": "OKP", "crv": "Ed25519", "alg": "Ed25519"}, ("EdDSA", "Ed25519")),
+        ({"kty": "OKP", "crv": "Ed25519", "alg": "Ed448"}, ()),
+        ({"kty": "OKP", "crv": "Ed448", "alg": "EdDSA"}, ("EdDSA", "Ed448")),
+        ({"kty": "OKP", "crv": "Ed448", "alg": "Ed448"}, ("EdDSA", "Ed448")),
+        ({"kty": "OKP", "crv": "Ed448", "alg": "Ed25519"}, ()),
+        ({"kty": "OKP", "crv": "X25519"}, ()),
+        ({"kty": "EC", "crv": "P-256", "alg": "ES256"}, ("ES256",)),
+        ({"kty": "EC", "crv": "P-256", "alg": "ES512"}, ()),
+        ({"kty": "EC", "crv": "P-384", "alg": "ES384"}, ()),
+        ({"kty": "EC", "crv": "P-521"}, ("ES512",)),
+        ({"kty": "RSA"}, ("RS256",)),
+        ({"kty": "RSA", "alg": "PS256"}, ("PS256",)),
+        ({"kty": "RSA", "alg": "RS512"}, ()),
+        ({"kty": "RSA", "alg": "HS256"}, ()),
+        ({"kty": "oct", "alg": "HS256"}, ()),
     ],
 )
-def test_the_algorithm_is_pinned_by_the_key_type(jwk, expected):
-    assert pinned_algorithm(jwk) == expected
+def test_the_algorithms_are_pinned_by_the_key_type(jwk, expected):
+    assert key_algorithms(jwk) == expected
 
 
 def test_parse_jwks_keeps_only_usable_signing_keys(keys, unusable_keys):
     parsed = parse_jwks({"keys": [key.jwk for key in keys.values()] + unusable_keys + ["junk", {"kty": "RSA"}]})
-    assert {kid: key.algorithm_name for kid, key in parsed.items()} == {
-        keys[alg].kid: alg for alg in ALGORITHMS}
-    with pytest.raises(ValueError):
-        parse_jwks({"keys": "nope"})
+    assert {kid: key.algorithms for kid, key in parsed.items()} == {
+        keys["EdDSA"].kid: ("EdDSA", "Ed25519"), **{keys[alg].kid: (alg,) for alg in ALGORITHMS if alg != "EdDSA"}}
+    for document in ({"keys": "nope"}, ["keys"], None):
+        with pytest.raises(ValueError):
+            parse_jwks(document)
+
+
+# --- key hygiene (RFC 7518 3.3, RFC 8725) and RFC 9864 names -------------------------------------------------------
+
+
+def _okp_jwk(crv: str, raw: bytes, kid: str) -> dict[str, Any]:
+    return {"kty": "OKP", "crv": crv, "x": b64url(raw), "kid": kid, "alg": "EdDSA"}
+
+
+_P25519 = 2**255 - 19
+SMALL_ORDER_POINTS = {
+    "ed25519-all-zero": ("Ed25519", bytes(32)),
+    "ed25519-identity": ("Ed25519", (1).to_bytes(32, "little")),
+    "ed25519-identity-sign-bit": ("Ed25519", (1 | 1 << 255).to_bytes(32, "little")),
+    "ed25519-order-2": ("Ed25519", (_P25519 - 1).to_bytes(32, "little")),
+    "ed25519-order-8": ("Ed25519", bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05")),
+    "ed25519-order-8-other": (
+        "Ed25519", bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a")),
+    "ed25519-non-canonical-identity": ("Ed25519", (_P25519 + 1).to_bytes(32, "little")),
+    "ed448-all-zero": ("Ed448", bytes(57)),
+    "ed448-identity": ("Ed448", (1).to_bytes(57, "little")),
+}
+
+
+def _rsa_jwk(bits: int, kid: str) -> tuple[dict[str, Any], Any]:
+    private = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    jwk = json.loads(get_default_algorithms()["RS256"].to_jwk(private.public_key()))
+    return {**jwk, "kid": kid, "alg": "RS256"}, private
+
+
+@pytest.fixture(scope="module")
+def weak_rsa() -> dict[int, tuple[dict[str, Any], Any]]:
+    return {bits: _rsa_jwk(bits, f"rsa-{bits}") for bits in (1024, 2047)}
+
+
+@pytest.mark.parametrize("bits", [1024, 2047])
+def test_rsa_keys_under_2048_bits_are_refused(client, tokens, server, weak_rsa, bits):
+    jwk, private = weak_rsa[bits]
+    server.keys = [jwk, tokens.keys["EdDSA"].jwk]
+    with pytest.warns(jwt.InsecureKeyLengthWarning):  # PyJWT only warns when signing
+        token = jwt.encode(tokens.claims(), private, algorithm="RS256", headers={"kid": jwk["kid"]})
+    assert_invalid(me(client, token))
+    assert me(client, tokens.sign()).status_code == 200
+
+
+@pytest.mark.parametrize("name", list(SMALL_ORDER_POINTS))
+def test_small_order_okp_keys_are_refused(name, caplog):
+    crv, raw = SMALL_ORDER_POINTS[name]
+    good = new_key("EdDSA")
+    assert list(parse_jwks({"keys": [_okp_jwk(crv, raw, "weak"), good.jwk]})) == [good.kid]
+    assert "'weak' refused" in caplog.text
+
+
+def test_an_all_zero_ed25519_key_cannot_verify_a_token(client, tokens, server):
+    server.keys = [_okp_jwk("Ed25519", bytes(32), "zero"), tokens.keys["EdDSA"].jwk]
+    forged = f"{segment({'alg': 'EdDSA', 'kid': 'zero'})}.{segment(tokens.claims())}.{b64url(bytes(64))}"
+    assert_invalid(me(client, forged))
+
+
+@pytest.mark.parametrize(
+    ("key_ops", "usable"),
+    [(["verify"], True), (["sign", "verify"], True), (["sign"], False), ([], False), (["encrypt"], False),
+     ("verify", False), (None, True)],
+)
+def test_keys_whose_key_ops_exclude_verify_are_refused(client, tokens, server, key_ops, usable):
+    key = new_key("EdDSA")
+    server.keys = [{**key.jwk, "key_ops": key_ops} if key_ops is not None else key.jwk]
+    response = me(client, tokens.sign(key=key))
+    if usable:
+        assert response.status_code == 200
+    else:
+        assert_invalid(response)
+
+
+def test_a_kid_published_twice_is_refused_as_ambiguous(client, tokens, server, caplog):
+    first, second = new_key("EdDSA", "twice"), new_key("ES256", "twice")
+    server.keys = [first.jwk, second.jwk, tokens.keys["RS256"].jwk]
+    assert_invalid(me(client, tokens.sign(key=first)))
+    assert_invalid(me(client, tokens.sign("ES256", key=second)))
+    assert me(client, tokens.sign("RS256")).status_code == 200
+    assert "'twice'" in caplog.text and "ambiguous" in caplog.text
+
+
+def test_each_refused_key_is_logged_once(make_app, tokens, server, clock, weak_rsa, caplog):
+    server.keys = [weak_rsa[1024][0], _okp_jwk("Ed25519", bytes(32), "zero"), tokens.keys["EdDSA"].jwk]
+    client = make_app().test_client()
+    for _ in range(3):
+        assert me(client, tokens.sign()).status_code == 200
+        clock.advance(300)  # every request re-fetches the JWKS
+    assert server.fetches == 3
+    refusals = [record.getMessage() for record in caplog.records if "refused" in record.getMessage()]
+    assert len(refusals) == 2, refusals
+
+
+@pytest.fixture(scope="module")
+def ed448_key() -> Key:
+    private = ed448.Ed448PrivateKey.generate()
+    jwk = json.loads(OKPAlgorithm.to_jwk(private.public_key()))
+    return Key("Ed448", "ed448-key", private, {**jwk, "kid": "ed448-key", "alg": "Ed448"})
+
+
+@pytest.mark.parametrize("jwk_alg", ["EdDSA", "Ed448", None])
+@pytest.mark.parametrize("token_alg", ["EdDSA", "Ed448"])
+def test_ed448_keys_verify_under_eddsa_and_ed448(client, tokens, server, ed448_key, jwk_alg, token_alg):
+    jwk = {name: value for name, value in {**ed448_key.jwk, "alg": jwk_alg}.items() if value is not None}
+    server.keys = [jwk]
+    token = jwt.encode(tokens.claims("user-448"), ed448_key.private, algorithm=token_alg,
+                       headers={"kid": ed448_key.kid})
+    assert jwt.get_unverified_header(token)["alg"] == token_alg
+    response = me(client, token)
+    assert response.status_code == 200, response.json
+    assert response.json["user_id"] == "user-448"
+
+
+@pytest.mark.parametrize("jwk_alg", ["EdDSA", "Ed25519"])
+@pytest.mark.parametrize("token_alg", ["EdDSA", "Ed25519"])
+def test_ed25519_keys_verify_under_eddsa_and_ed25519(client, tokens, server, jwk_alg, token_alg):
+    key = tokens.keys["EdDSA"]
+    server.keys = [{**key.jwk, "alg": jwk_alg}]
+    token = jwt.encode(tokens.claims(), key.private, algorithm=token_alg, headers={"kid": key.kid})
+    assert me(client, token).status_code == 200
+
+
+def test_a_curve_name_must_match_the_key(client, tokens, server, ed448_key):
+    ed25519_key = tokens.keys["EdDSA"]
+    server.keys = [ed25519_key.jwk, ed448_key.jwk]
+    claims = tokens.claims()
+    # Honest signatures, wrong names: the header's curve is not the key's.
+    assert_invalid(me(client, jwt.encode(claims, ed25519_key.private, algorithm="Ed448",
+                                         headers={"kid": ed25519_key.kid})))
+    assert_invalid(me(client, jwt.encode(claims, ed448_key.private, algorithm="Ed25519",
+                                         headers={"kid": ed448_key.kid})))
+    assert_invalid(me(client, jwt.encode(claims, ed448_key.private, algorithm="Ed448",
+                                         headers={"kid": ed25519_key.kid})))
 
 
 def test_authenticator_defaults():
@@ -637,6 +999,18 @@ def test_token_cache_hits_until_exp_never_beyond():
     assert cache.get("t") is None and len(cache) == 0
     cache.put("late", {"sub": "a", "exp": 1050})  # accepted within the leeway: not cached
     assert cache.get("late") is None
+
+
+def test_token_cache_entries_live_no_longer_than_their_ttl():
+    now = [1000.0]
+    cache = TokenCache(clock=lambda: now[0])
+    cache.put("key-checked-100-s-ago", {"sub": "a", "exp": 2000}, ttl=200)
+    cache.put("key-check-expired", {"sub": "a", "exp": 2000}, ttl=0)
+    now[0] = 1199.9
+    assert cache.get("key-checked-100-s-ago") is not None
+    assert cache.get("key-check-expired") is None
+    now[0] = 1200
+    assert cache.get("key-checked-100-s-ago") is None
 
 
 def test_token_cache_is_bounded_least_recently_used_first():

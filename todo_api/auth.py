@@ -2,7 +2,7 @@
 
 Two ways to sign, each on when configured, both possibly at once (contract, Authentication):
 1. HS256 with BETTER_AUTH_SECRET (custom issuers, dev tokens);
-2. Better Auth's jwt() plugin: EdDSA/ES256/ES512/RS256/PS256 keys from its JWKS (BETTER_AUTH_URL).
+2. Better Auth's jwt() plugin: EdDSA (Ed25519, Ed448)/ES256/ES512/RS256/PS256 keys from its JWKS (BETTER_AUTH_URL).
 The token's header only routes it (HS256 -> the secret, anything supported -> the JWKS); each way then pins its
 own algorithms, so HS256 is only ever checked against the secret and a JWKS key only with its own algorithm.
 """
@@ -19,8 +19,9 @@ import jwt
 from flask import Flask, current_app, g, request
 from flask.views import MethodView
 from flask_smorest import Blueprint, abort
+from sqlalchemy import Engine
 
-from .jwks import SUPPORTED_ALGORITHMS, JWKSCache, JWKSUnavailable
+from .jwks import SUPPORTED_ALGORITHMS, JWKSCache, JWKSStore, JWKSUnavailable
 from .models import Task
 from .schemas import MeSchema
 
@@ -105,14 +106,15 @@ def verify(token: str, key: Any, algorithms: Sequence[str], issuers: Sequence[st
 class TokenCache:
     """Claims of verified tokens, keyed by the whole token string, until the token's exp at the latest.
 
-    A hit skips parsing and signature checks. The cost: a cached token stays accepted until its exp even if its
-    key is removed from the JWKS meanwhile (Better Auth tokens live 15 minutes). Bounded, least recently used
+    A hit skips parsing and signature checks. An entry lives no longer than the check behind it: a JWKS token's
+    entry expires with the key check it was verified under (`ttl`, at most the JWKS max age of 5 minutes), so a
+    key removed from the JWKS stops working within that bound on every worker. Bounded, least recently used
     entries go first; thread-safe.
     """
 
     def __init__(self, max_size: int = TOKEN_CACHE_SIZE, clock: Callable[[], float] = time.time) -> None:
         self.max_size = max_size
-        self._clock = clock  # wall clock: exp is a Unix time
+        self.clock = clock  # wall clock: exp is a Unix time; injectable for tests
         self._entries: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -121,18 +123,20 @@ class TokenCache:
             entry = self._entries.get(token)
             if entry is None:
                 return None
-            if entry[0] <= self._clock():
+            if entry[0] <= self.clock():
                 del self._entries[token]
                 return None
             self._entries.move_to_end(token)
         return dict(entry[1])  # a copy, so no request can change what the next one sees
 
-    def put(self, token: str, claims: dict[str, Any]) -> None:
-        exp = float(claims["exp"])
-        if exp <= self._clock():  # accepted only thanks to the leeway: not worth keeping
+    def put(self, token: str, claims: dict[str, Any], ttl: float | None = None) -> None:
+        """Keep `claims` until the token's exp, and no more than `ttl` seconds when given."""
+        now = self.clock()
+        expires = float(claims["exp"]) if ttl is None else min(float(claims["exp"]), now + ttl)
+        if expires <= now:  # accepted only thanks to the leeway, or under a key check that has expired
             return
         with self._lock:
-            self._entries[token] = (exp, dict(claims))
+            self._entries[token] = (expires, dict(claims))
             self._entries.move_to_end(token)
             while len(self._entries) > self.max_size:
                 self._entries.popitem(last=False)
@@ -144,7 +148,8 @@ class TokenCache:
 class Authenticator:
     """Token verification for one app, built once from its config and shared by the worker's threads."""
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
+    def __init__(self, config: Mapping[str, Any], engine: Engine | None = None) -> None:
+        """`engine`: the database where the last good JWKS is shared (none: kept per process only)."""
         self.secret: str | None = config.get("BETTER_AUTH_SECRET") or None
         self.leeway: float = config["JWT_LEEWAY"]
         issuers, audiences = list(config["JWT_ISSUER"]), list(config["JWT_AUDIENCE"])
@@ -154,33 +159,42 @@ class Authenticator:
         self.jwks_issuers, self.jwks_audiences = issuers or [origin], audiences or [origin]
         self.jwks: JWKSCache | None = None
         if origin:  # lazy: nothing is fetched before the first token needs a key
-            self.jwks = JWKSCache(config.get("BETTER_AUTH_JWKS_URL") or f"{origin}/api/auth/jwks")
+            self.jwks = JWKSCache(config.get("BETTER_AUTH_JWKS_URL") or f"{origin}/api/auth/jwks",
+                                  store=JWKSStore(engine) if engine is not None else None)
         self.tokens = TokenCache()
 
     def decode(self, token: str) -> dict[str, Any]:
         """Verified claims, or TokenError (401) / JWKSUnavailable (503)."""
         claims = self.tokens.get(token)
         if claims is None:
-            claims = self._verify(token)
-            self.tokens.put(token, claims)
+            claims, ttl = self._verify(token)
+            self.tokens.put(token, claims, ttl)
         return claims
 
-    def _verify(self, token: str) -> dict[str, Any]:
+    def _verify(self, token: str) -> tuple[dict[str, Any], float | None]:
+        """The claims, and for how long at most they may be cached besides their exp (None: until exp)."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
             raise TokenError() from None
         alg, kid = header.get("alg"), header.get("kid")
         if alg == "HS256" and self.secret:
-            return verify(token, self.secret, ["HS256"], self.hs256_issuers, self.hs256_audiences, self.leeway)
+            return verify(token, self.secret, ["HS256"], self.hs256_issuers, self.hs256_audiences, self.leeway), None
         # alg none, HS512, ES384, ... and kid-less tokens are refused here, before any network work.
         if self.jwks is None or not isinstance(alg, str) or alg not in SUPPORTED_ALGORITHMS or not isinstance(kid, str):
             raise TokenError(INVALID_TOKEN)
+        # The cache entry lives no longer than the key check the key came from. Read before and after the lookup:
+        # a re-check that lands in between (another thread's) may have dropped the key we hold, so the older check
+        # bounds the entry, unless there was none still valid before (then the lookup made the check).
+        trusted_before = self.jwks.trusted_for()
         key = self.jwks.get(kid)
         if key is None:
             raise TokenError(INVALID_TOKEN)
-        # Only the key's own algorithm: an ES256 header on an RSA key, or RS256 on a PS256 key, fails.
-        return verify(token, key, [key.algorithm_name], self.jwks_issuers, self.jwks_audiences, self.leeway)
+        ttl = self.jwks.trusted_for() if trusted_before == 0 else min(trusted_before, self.jwks.trusted_for())
+        # Only the key's own algorithms: an ES256 header on an RSA key, RS256 on a PS256 key, Ed448 on an Ed25519
+        # key fail. The raw key, not the PyJWK, so that an Ed25519 key verifies both "EdDSA" and "Ed25519".
+        claims = verify(token, key.key, key.algorithms, self.jwks_issuers, self.jwks_audiences, self.leeway)
+        return claims, ttl
 
 
 def decode_token(token: str) -> dict[str, Any]:
@@ -250,5 +264,5 @@ blp.before_request(require_user)
 
 
 def init_app(app: Flask) -> None:
-    app.extensions[EXTENSION] = Authenticator(app.config)
+    app.extensions[EXTENSION] = Authenticator(app.config, app.extensions["db"].engine)
     app.before_request(load_user)

@@ -119,3 +119,13 @@ EXPRESSION_INDEXES = frozenset({"ix_tasks_user_priority", "ix_tasks_user_title"}
 def include_in_autogenerate(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
     """Alembic `include_object` hook: leave expression indexes to hand-written migrations."""
     return not (type_ == "index" and name in EXPRESSION_INDEXES)
+
+
+class JWKSDocument(Base):
+    """The last good JWKS document fetched from each auth server, shared by every worker and instance (jwks.py)."""
+
+    __tablename__ = "jwks_documents"
+
+    url: Mapped[str] = mapped_column(String(2048), primary_key=True)
+    document: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    fetched_at: Mapped[datetime] = mapped_column(UTCDateTime)
