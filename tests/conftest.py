@@ -39,7 +39,7 @@ def reset_schema(url: str) -> None:
     """Drop what a previous run left, then migrate to head."""
     engine = create_engine(url)
     with engine.begin() as connection:
-        for table in ("tasks", "task_counts", "alembic_version"):
+        for table in ("tasks", "task_counts", "jwks_documents", "alembic_version"):
             connection.execute(text(f"DROP TABLE IF EXISTS {table}"))
         for function in ("task_counts_add", "task_counts_remove", "task_counts_clear", "tasks_keep_owner"):
             connection.execute(text(f"DROP FUNCTION IF EXISTS {function}()"))

@@ -24,8 +24,6 @@ def upgrade() -> None:
         sa.Column('document', postgresql.JSONB(astext_type=sa.Text()), nullable=False),
         sa.Column('fetched_at', sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint('url', name=op.f('pk_jwks_documents')),
-        # A database whose schema was reset by dropping only the older tables (tests/conftest.py) still has it.
-        if_not_exists=True,
     )
 
 
