@@ -1,4 +1,5 @@
-"""Resource limits (issue 12, OWASP API4): rate limits per user and per client address, in memory and in Redis."""
+"""Resource limits (issue 12, OWASP API4): rate limits per user and per client address, in memory and in Redis,
+and the per-user task quota."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing
 from typing import Any
 
@@ -17,10 +20,12 @@ import pytest
 import redis
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import create_engine, delete, func, select, text
 
 from todo_api import create_app, limits
 from todo_api.config import ConfigError, load_config, rate_limit_storage
 from todo_api.errors import RETRY_AFTER_SECONDS
+from todo_api.models import Task, TaskCount
 
 from .helpers import UNREACHABLE_DATABASE_URL, assert_error, bearer, make_config, make_token, no_database, rolled_back
 from .live_server import call, free_port, live_server, server_env
@@ -336,16 +341,16 @@ def test_rate_limit_settings_are_read_from_the_environment():
     assert defaults["RATELIMIT_ENABLED"] is True and defaults["RATELIMIT_STORAGE_URI"] == "memory://"
     assert defaults["RATELIMIT_APPLICATION"] == "1200 per minute"
     assert defaults["RATELIMIT_ANONYMOUS"] == "120 per minute"
-    assert defaults["TRUSTED_PROXY_HOPS"] == 0
+    assert defaults["TASK_QUOTA"] == 50_000 and defaults["TRUSTED_PROXY_HOPS"] == 0
 
-    config = load_config({"RATELIMIT_ENABLED": "false", "REDIS_URL": "redis://cache:6379/2",
+    config = load_config({"RATELIMIT_ENABLED": "false", "REDIS_URL": "redis://cache:6379/2", "TASK_QUOTA": "10",
                           "RATELIMIT_APPLICATION": "10/second; 500/hour", "TRUSTED_PROXY_HOPS": "2",
                           "RATELIMIT_HEADERS_ENABLED": "0", "RATELIMIT_STRATEGY": "moving-window"})
     assert config["RATELIMIT_ENABLED"] is False and config["RATELIMIT_HEADERS_ENABLED"] is False
     assert config["RATELIMIT_STORAGE_URI"] == "redis://cache:6379/2"
     assert config["RATELIMIT_STORAGE_OPTIONS"] == {"socket_connect_timeout": 0.5, "socket_timeout": 0.5}
     assert config["RATELIMIT_APPLICATION"] == "10/second; 500/hour" and config["RATELIMIT_STRATEGY"] == "moving-window"
-    assert config["TRUSTED_PROXY_HOPS"] == 2
+    assert config["TASK_QUOTA"] == 10 and config["TRUSTED_PROXY_HOPS"] == 2
     explicit = load_config({"REDIS_URL": "redis://cache/0", "RATELIMIT_STORAGE_URI": "redis://limits/1"})
     assert explicit["RATELIMIT_STORAGE_URI"] == "redis://limits/1"
 
@@ -358,9 +363,85 @@ def test_rate_limit_settings_are_read_from_the_environment():
         ("RATELIMIT_ANONYMOUS", "10 per fortnight"),
         ("RATELIMIT_STRATEGY", "leaky-bucket"),
         ("REDIS_URL", "memcached://cache:11211"),
+        ("TASK_QUOTA", "0"),
         ("TRUSTED_PROXY_HOPS", "-1"),
     ],
 )
 def test_a_bad_limit_setting_stops_start_up_naming_it(name, value):
     with pytest.raises(ConfigError, match=f"^{name}"):
         load_config({name: value})
+
+
+# The task quota
+
+
+def test_a_user_at_the_quota_gets_409_with_the_envelope_until_a_task_is_deleted(database_url):
+    app = create_app(make_config(database_url, TASK_QUOTA=3))
+    try:
+        with rolled_back(app):
+            client = app.test_client()
+            alice = bearer(make_token("alice"))
+            created = [client.post("/api/alice/tasks", json={"title": f"t{n}"}, headers=alice) for n in range(3)]
+            assert statuses(created) == [201] * 3
+            refused = client.post("/api/alice/tasks", json={"title": "one too many"}, headers=alice)
+            assert_error(refused, 409, {
+                "detail": "Task quota reached: a user may hold at most 3 tasks; delete some to add more"})
+            assert client.get("/api/alice/tasks", headers=alice).headers["X-Total-Count"] == "3"
+            assert client.post("/api/bob/tasks", json={"title": "bob's"},
+                               headers=bearer(make_token("bob"))).status_code == 201
+
+            assert client.delete(created[0].headers["Location"], headers=alice).status_code == 204
+            assert client.post("/api/alice/tasks", json={"title": "fits again"}, headers=alice).status_code == 201
+    finally:
+        app.extensions["db"].engine.dispose()
+
+
+def test_the_quota_reads_the_users_count_row_rather_than_counting_tasks(app, client):
+    session = app.extensions["db"].sessionmaker()
+    try:
+        session.execute(text("INSERT INTO task_counts (user_id, total) VALUES ('alice', :quota)"),
+                        {"quota": app.config["TASK_QUOTA"]})
+        session.commit()
+    finally:
+        session.close()
+    response = client.post("/api/alice/tasks", json={"title": "x"}, headers=bearer(make_token("alice")))
+    assert response.status_code == 409  # alice holds no task row: only task_counts says she is full
+
+
+def test_concurrent_creates_never_overshoot_the_quota(database_url):
+    """Committed creates from 16 threads at once, 3 rounds: exactly the quota is stored, the rest get 409."""
+    quota, writers = 5, 16
+    app = create_app(make_config(database_url, TASK_QUOTA=quota, DB_POOL_SIZE=writers, DB_MAX_OVERFLOW=0))
+    user = f"quota-race-{uuid.uuid4().hex[:12]}"
+    headers = bearer(make_token(user))
+    engine = create_engine(database_url)
+    try:
+        for _ in range(3):
+            start = threading.Barrier(writers, timeout=10)
+
+            def create(barrier: threading.Barrier) -> int:
+                client = app.test_client()
+                barrier.wait()
+                return client.post(f"/api/{user}/tasks", json={"title": "race"}, headers=headers).status_code
+
+            with ThreadPoolExecutor(writers) as pool:
+                answers = list(pool.map(create, [start] * writers))
+            assert sorted(answers) == [201] * quota + [409] * (writers - quota)
+            with engine.connect() as connection:
+                stored = connection.scalar(select(func.count()).select_from(Task).where(Task.user_id == user))
+                counted = connection.scalar(select(TaskCount.total).where(TaskCount.user_id == user))
+            assert stored == counted == quota
+            with engine.begin() as connection:
+                connection.execute(delete(Task).where(Task.user_id == user))
+    finally:
+        with engine.begin() as connection:
+            connection.execute(delete(Task).where(Task.user_id == user))
+            connection.execute(delete(TaskCount).where(TaskCount.user_id == user))
+        engine.dispose()
+        app.extensions["db"].engine.dispose()
+
+
+def test_post_documents_the_quota_409_in_openapi(client):
+    responses = client.get("/openapi.json").json["paths"]["/api/{user_id}/tasks"]["post"]["responses"]
+    assert responses["409"]["description"] == "The user's task quota (TASK_QUOTA) is reached"
+    assert responses["409"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}

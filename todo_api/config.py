@@ -25,6 +25,8 @@ DB_CONNECT_TIMEOUT       Seconds to establish a connection (default 5).
 DB_STATEMENT_TIMEOUT_MS  PostgreSQL statement timeout in milliseconds (default 5000). The client also gives up on
                          an unanswering server after this plus DB_CONNECT_TIMEOUT (todo_api/db.py).
 LOG_LEVEL                Python logging level (default INFO).
+TASK_QUOTA               Most tasks one user may hold (default 50000, five times the 10,000 the plans expect); a
+                         create beyond it is 409. Checked against task_counts, under a lock on the user's row.
 TRUSTED_PROXY_HOPS       Proxies in front of the app that append the client's address to X-Forwarded-For (default
                          0). The client address is that many entries from the right (werkzeug's ProxyFix); with 0
                          it is the TCP peer and X-Forwarded-For is never read.
@@ -67,6 +69,7 @@ POSTGRES_SCHEMES = ("postgres", "postgresql", "postgresql+psycopg2")
 EMBEDDED_POSTGRES_PORT = 54320
 EMBEDDED_POSTGRES_DATABASE = "todo"
 MAX_BODY_BYTES = 64 * 1024
+TASK_QUOTA = 50_000
 # The storages whose client is pinned in requirements.txt (redis); limits knows more (memcached, mongodb...).
 REDIS_SCHEMES = ("redis", "rediss", "redis+unix", "redis+sentinel", "redis+cluster")
 # A Redis that stops answering must not hold requests: after this many seconds the limiter falls back to memory.
@@ -218,6 +221,7 @@ def load_config(env: dict[str, str] | None = None) -> dict[str, Any]:
         "DB_CONNECT_TIMEOUT": _int(env, "DB_CONNECT_TIMEOUT", 5),
         "DB_STATEMENT_TIMEOUT_MS": _int(env, "DB_STATEMENT_TIMEOUT_MS", 5_000),
         "LOG_LEVEL": env.get("LOG_LEVEL", "INFO").upper(),
+        "TASK_QUOTA": _at_least(env, "TASK_QUOTA", TASK_QUOTA, 1),
         "TRUSTED_PROXY_HOPS": _at_least(env, "TRUSTED_PROXY_HOPS", 0, 0),
         "RATELIMIT_ENABLED": _bool(env, "RATELIMIT_ENABLED", True),
         "RATELIMIT_STORAGE_URI": storage_uri,

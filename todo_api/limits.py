@@ -1,4 +1,4 @@
-"""Rate limits with flask-limiter, the client address they count by, and the answer to a limit reached.
+"""Rate limits with flask-limiter, the client address they count by, and the answers to a limit or quota reached.
 
 Who is counted, over the whole API (flask-limiter's application-wide limit, one counter per key for every route):
 - a request with a valid token: its user, `g.user_id` from auth.load_user (RATELIMIT_APPLICATION);
@@ -29,6 +29,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import health
 from .errors import error_response
+from .repositories import QuotaExceeded
 
 EXTENSION = "todo_api.limits"
 LIST_ENDPOINT = "tasks.Tasks"
@@ -109,6 +110,12 @@ def too_many_requests(error: RateLimitExceeded) -> Response:
     return error_response(429, f"Rate limit exceeded: {error.description}", headers)
 
 
+def quota_exceeded(error: QuotaExceeded) -> Response:
+    return error_response(
+        409, f"Task quota reached: a user may hold at most {error.quota} tasks; delete some to add more"
+    )
+
+
 def init_app(app: Flask) -> None:
     """After auth.init_app: the limiter's hook must run after the token is loaded, before anything else."""
     hops = app.config["TRUSTED_PROXY_HOPS"]
@@ -126,3 +133,4 @@ def init_app(app: Flask) -> None:
     limiter.init_app(app)  # reads the other RATELIMIT_* settings; with RATELIMIT_ENABLED false it adds no hook
     app.extensions[EXTENSION] = limiter
     app.register_error_handler(RateLimitExceeded, too_many_requests)
+    app.register_error_handler(QuotaExceeded, quota_exceeded)
