@@ -87,7 +87,7 @@ def delete_created(url: URL, table: str) -> None:
 def app_env(url: URL | None, secret: str) -> dict[str, str]:
     """The environment for the app's CLI and servers: production, this database, nothing inherited that redirects it."""
     env = {key: value for key, value in os.environ.items() if key not in INHERITED_APP_VARIABLES}
-    env.update(APP_ENV="production", BETTER_AUTH_SECRET=secret, LOG_LEVEL="WARNING")
+    env.update(APP_ENV="production", BETTER_AUTH_SECRET=secret, LOG_LEVEL="WARNING", RATELIMIT_ENABLED="false")
     if url is not None:
         env["DATABASE_URL"] = url.render_as_string(hide_password=False)
     return env

@@ -48,6 +48,7 @@ def make_config(database_url: str, **overrides: Any) -> dict[str, Any]:
         "JWT_AUDIENCE": [],
         "JWT_LEEWAY": 30,
         "FRONTEND_URL": ["http://localhost:3000"],
+        "RATELIMIT_ENABLED": False,  # tests about limits turn them on (tests/test_limits.py)
     }
     config.update(overrides)
     return config

@@ -65,6 +65,7 @@ def server_env(database_url: str, **overrides: str) -> dict[str, str]:
         "WEB_CONCURRENCY": "2",
         "GUNICORN_GRACEFUL_TIMEOUT": "5",
         "PYTHONUNBUFFERED": "1",
+        "RATELIMIT_ENABLED": "false",  # load tests send far more than a user may; tests/test_limits.py turns it on
     })
     env.update(overrides)
     return env

@@ -119,7 +119,8 @@ def test_cors_exposes_headers_to_allowed_origin(client, auth):
     response = client.get("/api/alice/tasks", headers={"Origin": ORIGIN, **auth()})
     assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
     exposed = {h.strip() for h in response.headers["Access-Control-Expose-Headers"].split(",")}
-    assert {"X-Total-Count", "X-Pagination", "ETag", "Location"} <= exposed
+    assert {"X-Total-Count", "X-Pagination", "ETag", "Location", "X-Request-ID", "Retry-After",
+            "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"} <= exposed
 
 
 def test_other_origins_get_no_cors_headers(client, auth):

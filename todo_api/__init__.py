@@ -9,7 +9,7 @@ from flask import Flask, Response
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException
 
-from . import auth, cli, db, errors, health, observability, tasks, web
+from . import auth, cli, db, errors, health, limits, observability, tasks, web
 from .config import MAX_BODY_BYTES, check_secret, load_config
 from .schemas import ErrorSchema
 
@@ -55,6 +55,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     observability.init_app(app)
     db.init_app(app)
     auth.init_app(app)
+    limits.init_app(app)  # after auth: counts each request by its user, or its address, before any other work
     api = TodoApi(app)
     for blueprint in (tasks.blp, auth.blp, health.blp):
         api.register_blueprint(blueprint)

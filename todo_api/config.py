@@ -25,6 +25,30 @@ DB_CONNECT_TIMEOUT       Seconds to establish a connection (default 5).
 DB_STATEMENT_TIMEOUT_MS  PostgreSQL statement timeout in milliseconds (default 5000). The client also gives up on
                          an unanswering server after this plus DB_CONNECT_TIMEOUT (todo_api/db.py).
 LOG_LEVEL                Python logging level (default INFO).
+TASK_QUOTA               Most tasks one user may hold (default 50000, five times the 10,000 the plans expect); a
+                         create beyond it is 409. Checked against task_counts, under a lock on the user's row.
+TRUSTED_PROXY_HOPS       Proxies in front of the app that append the client's address to X-Forwarded-For (default
+                         0). The client address is that many entries from the right (werkzeug's ProxyFix); with 0
+                         it is the TCP peer and X-Forwarded-For is never read.
+
+Rate limits (todo_api/limits.py), with flask-limiter's own setting names where it has one:
+RATELIMIT_ENABLED        true | false (default true). false turns every limit off.
+REDIS_URL                redis:// or rediss:// URL. When set, counters live there, shared by every worker and
+                         instance; otherwise each worker process counts in its own memory.
+RATELIMIT_STORAGE_URI    flask-limiter's storage URI; overrides REDIS_URL (default REDIS_URL, else memory://).
+RATELIMIT_APPLICATION    Limit per user over the whole API, every route counted together (default 1200 per minute).
+                         A list page costs one request per 100 tasks of its page_size (limits.request_cost).
+RATELIMIT_ANONYMOUS      Limit per client address for requests without a valid token: 401s, /docs,
+                         /openapi.json (default 120 per minute). IPv6 addresses count per /64.
+RATELIMIT_DEFAULT        flask-limiter's per-route limits, each route counted apart (default unset: none).
+RATELIMIT_STRATEGY       fixed-window | moving-window | sliding-window-counter (default fixed-window: one
+                         counter per window, one round trip per request to Redis).
+RATELIMIT_HEADERS_ENABLED  true | false (default true): X-RateLimit-Limit, X-RateLimit-Remaining,
+                         X-RateLimit-Reset (a Unix time) on every limited response. Every 429 has Retry-After.
+RATELIMIT_KEY_PREFIX     Prefix of the counters' keys, for a Redis shared with other apps (default todo-api).
+RATELIMIT_IN_MEMORY_FALLBACK_ENABLED  true | false (default true): while Redis is unreachable, each worker
+                         counts in memory instead, and Redis is tried again after 1, 2, 4... 32 s.
+RATELIMIT_SWALLOW_ERRORS true | false (default true): a storage error is logged, never a 500.
 """
 
 from __future__ import annotations
@@ -36,12 +60,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from limits import parse_many
+from limits.strategies import STRATEGIES
+
 ENVIRONMENTS = ("development", "production", "test")
 MIN_SECRET_LENGTH = 32
 POSTGRES_SCHEMES = ("postgres", "postgresql", "postgresql+psycopg2")
 EMBEDDED_POSTGRES_PORT = 54320
 EMBEDDED_POSTGRES_DATABASE = "todo"
 MAX_BODY_BYTES = 64 * 1024
+TASK_QUOTA = 50_000
+# The storages whose client is pinned in requirements.txt (redis); limits knows more (memcached, mongodb...).
+REDIS_SCHEMES = ("redis", "rediss", "redis+unix", "redis+sentinel", "redis+cluster")
+# A Redis that stops answering must not hold requests: after this many seconds the limiter falls back to memory.
+REDIS_TIMEOUT_SECONDS = 0.5
+BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +111,47 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _bool(env: dict[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw not in BOOLEANS:
+        raise ConfigError(f"{name} must be true or false, got {env[name]!r}")
+    return BOOLEANS[raw]
+
+
+def _at_least(env: dict[str, str], name: str, default: int, minimum: int) -> int:
+    value = _int(env, name, default)
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _rate_limit(env: dict[str, str], name: str, default: str) -> str:
+    """A rate limit string ("1200 per minute", "10/second; 500/hour"), checked now rather than on a request."""
+    value = (env.get(name) or default).strip()
+    if value:
+        try:
+            parse_many(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a rate limit such as '1200 per minute', got {value!r}") from None
+    return value
+
+
+def rate_limit_storage(env: dict[str, str]) -> tuple[str, dict[str, Any]]:
+    """RATELIMIT_STORAGE_URI, else REDIS_URL, else memory://; and the Redis client's timeouts, for Redis."""
+    name = "RATELIMIT_STORAGE_URI" if env.get("RATELIMIT_STORAGE_URI") else "REDIS_URL"
+    uri = (env.get(name) or "memory://").strip()
+    scheme = urlsplit(uri).scheme
+    options: dict[str, Any] = {}
+    if scheme in REDIS_SCHEMES:
+        options = {"socket_connect_timeout": REDIS_TIMEOUT_SECONDS, "socket_timeout": REDIS_TIMEOUT_SECONDS}
+    elif scheme != "memory":
+        raise ConfigError(f"{name} must be a redis:// URL (or {', '.join(REDIS_SCHEMES[1:])}) or memory://, "
+                          f"got scheme {scheme!r}")
+    return uri, options
 
 
 def _http_url(env: dict[str, str], name: str) -> str | None:
@@ -119,6 +193,10 @@ def load_config(env: dict[str, str] | None = None) -> dict[str, Any]:
         database_url = embedded_postgres_url(embedded_port)
     secret = env.get("BETTER_AUTH_SECRET") or None
     better_auth_url = (_http_url(env, "BETTER_AUTH_URL") or "").rstrip("/") or None
+    storage_uri, storage_options = rate_limit_storage(env)
+    strategy = env.get("RATELIMIT_STRATEGY") or "fixed-window"
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"RATELIMIT_STRATEGY must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
 
     return {
         "APP_ENV": app_env,
@@ -143,6 +221,19 @@ def load_config(env: dict[str, str] | None = None) -> dict[str, Any]:
         "DB_CONNECT_TIMEOUT": _int(env, "DB_CONNECT_TIMEOUT", 5),
         "DB_STATEMENT_TIMEOUT_MS": _int(env, "DB_STATEMENT_TIMEOUT_MS", 5_000),
         "LOG_LEVEL": env.get("LOG_LEVEL", "INFO").upper(),
+        "TASK_QUOTA": _at_least(env, "TASK_QUOTA", TASK_QUOTA, 1),
+        "TRUSTED_PROXY_HOPS": _at_least(env, "TRUSTED_PROXY_HOPS", 0, 0),
+        "RATELIMIT_ENABLED": _bool(env, "RATELIMIT_ENABLED", True),
+        "RATELIMIT_STORAGE_URI": storage_uri,
+        "RATELIMIT_STORAGE_OPTIONS": storage_options,
+        "RATELIMIT_APPLICATION": _rate_limit(env, "RATELIMIT_APPLICATION", "1200 per minute"),
+        "RATELIMIT_ANONYMOUS": _rate_limit(env, "RATELIMIT_ANONYMOUS", "120 per minute"),
+        "RATELIMIT_DEFAULT": _rate_limit(env, "RATELIMIT_DEFAULT", ""),
+        "RATELIMIT_STRATEGY": strategy,
+        "RATELIMIT_HEADERS_ENABLED": _bool(env, "RATELIMIT_HEADERS_ENABLED", True),
+        "RATELIMIT_KEY_PREFIX": env.get("RATELIMIT_KEY_PREFIX") or "todo-api",
+        "RATELIMIT_IN_MEMORY_FALLBACK_ENABLED": _bool(env, "RATELIMIT_IN_MEMORY_FALLBACK_ENABLED", True),
+        "RATELIMIT_SWALLOW_ERRORS": _bool(env, "RATELIMIT_SWALLOW_ERRORS", True),
     }
 
 

@@ -26,6 +26,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from .models import PRIORITIES, PRIORITY_RANK, TASK_COLUMNS, TITLE_KEY, Task, TaskCount, UTCDateTime, utcnow
@@ -44,6 +45,14 @@ MAX_OFFSET = 2**53
 
 class TaskNotFound(LookupError):
     """No such task for this user (it may exist for another user)."""
+
+
+class QuotaExceeded(Exception):
+    """The user already holds as many tasks as the quota allows."""
+
+    def __init__(self, quota: int) -> None:
+        super().__init__(quota)
+        self.quota = quota
 
 
 def _resolve_status(current: str, completed: bool | None, status: str | None) -> str:
@@ -216,7 +225,23 @@ def get_task(session: Session, user_id: str, task_id: uuid.UUID, *, for_update: 
     return task
 
 
-def create_task(session: Session, user_id: str, data: dict[str, Any]) -> Task:
+# The user's number of tasks, with their task_counts row locked until commit: concurrent creates of one user queue
+# here, each seeing the count the previous one committed, so none can overshoot the quota. One round trip, reading
+# one row (counting the user's tasks cost 1.6-1.8 ms at 10,000). The row is created at 0 for a user's first task, so
+# even two first creates queue. The insert trigger then updates the row this transaction already holds: creates of
+# one user queued on it until commit before, and still do, from this statement on.
+LOCK_USER_TOTAL = (
+    pg_insert(TaskCount)
+    .values(user_id=bindparam("user_id"), total=0)
+    .on_conflict_do_update(index_elements=[TaskCount.user_id], set_={"total": TaskCount.total})
+    .returning(TaskCount.total)
+)
+
+
+def create_task(session: Session, user_id: str, data: dict[str, Any], *, quota: int) -> Task:
+    """A new task for the user; QuotaExceeded if the user already holds `quota` tasks."""
+    if session.connection().execute(LOCK_USER_TOTAL, {"user_id": user_id}).scalar_one() >= quota:
+        raise QuotaExceeded(quota)
     now = utcnow()
     task = Task(id=uuid.uuid4(), user_id=user_id, status="pending", priority="medium", tags=[], created_at=now)
     _apply(task, data, now)

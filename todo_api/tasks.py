@@ -8,7 +8,7 @@ from http import HTTPStatus
 from typing import Any
 
 import flask_smorest
-from flask import Response, url_for
+from flask import Response, current_app, url_for
 from flask.views import MethodView
 from flask_smorest.pagination import PaginationMetadataSchema, PaginationParameters
 from werkzeug.http import quote_etag
@@ -111,12 +111,13 @@ class Tasks(MethodView):
         return tasks, {"X-Total-Count": str(total)}
 
     @blp.errors(400, 401, 403, 413, 415, 503)
+    @blp.alt_response(409, schema="Error", description="The user's task quota (TASK_QUOTA) is reached")
     @blp.arguments(TaskCreateSchema)
     @blp.response(201, TaskSchema, headers={"Location": {"schema": {"type": "string"}}})
     def post(self, data: dict[str, Any], user_id: str) -> Any:
         """Create a task."""
         session = get_session()
-        task = repo.create_task(session, user_id, data)
+        task = repo.create_task(session, user_id, data, quota=current_app.config["TASK_QUOTA"])
         session.commit()
         return task, {"Location": url_for("tasks.TaskById", user_id=user_id, task_id=task.id)}
 

@@ -119,7 +119,10 @@ def init_app(app: Flask) -> None:
         app,
         resources={r"/api/*": {"origins": app.config["FRONTEND_URL"]}},
         allow_headers=["Authorization", "Content-Type", "If-Match", "If-None-Match"],
-        expose_headers=["X-Total-Count", "X-Pagination", "ETag", "Location", "X-Request-ID"],
+        # Retry-After and X-RateLimit-*: a browser app can back off from a 429 or a 503 (todo_api/limits.py).
+        expose_headers=["X-Total-Count", "X-Pagination", "ETag", "Location", "X-Request-ID", "Retry-After",
+                        "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
+                        "X-RateLimit-Reset-After"],
         methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
         max_age=600,
     )
