@@ -22,8 +22,9 @@ DB_MAX_OVERFLOW          Extra connections under burst (default 5).
 DB_POOL_TIMEOUT          Seconds to wait for a pooled connection (default 5).
 DB_POOL_RECYCLE          Seconds before a connection is replaced; below Neon's 5-minute idle suspend (default 240).
 DB_CONNECT_TIMEOUT       Seconds to establish a connection (default 5).
-DB_STATEMENT_TIMEOUT_MS  PostgreSQL statement timeout in milliseconds (default 5000). The client also gives up on
-                         an unanswering server after this plus DB_CONNECT_TIMEOUT (todo_api/db.py).
+DB_STATEMENT_TIMEOUT_MS  PostgreSQL statement timeout in milliseconds (default 5000), a SET LOCAL per transaction
+                         (todo_api/deadlines.py). The client also gives up on an unanswering server after this plus
+                         DB_CONNECT_TIMEOUT.
 LOG_LEVEL                Python logging level (default INFO).
 TASK_QUOTA               Most tasks one user may hold (default 50000, five times the 10,000 the plans expect); a
                          create beyond it is 409. Checked against task_counts, under a lock on the user's row.
