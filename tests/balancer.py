@@ -8,15 +8,15 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from todo_api.embedded_postgres import free_port, port_open
+from todo_api.embedded_postgres import free_port
+
+from .helpers import running_server
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 CONFIG = """\
@@ -49,21 +49,9 @@ def load_balancer(backends: list[str]) -> Iterator[str]:
     port = free_port()
     servers = "\n".join(f"    server app{index} {url.removeprefix('http://')}" for index, url in enumerate(backends))
     (folder / "haproxy.cfg").write_text(CONFIG.format(port=port, servers=servers))
-    with (folder / "haproxy.log").open("wb") as log:
-        process = subprocess.Popen([HAPROXY, "-db", "-f", str(folder / "haproxy.cfg")],
-                                   stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 10
-        while not port_open("127.0.0.1", port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"haproxy did not start: {(folder / 'haproxy.log').read_text()[-2000:]}")
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
+        with running_server([HAPROXY, "-db", "-f", str(folder / "haproxy.cfg")], port, folder / "haproxy.log",
+                            "haproxy"):
+            yield f"http://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
         shutil.rmtree(folder, ignore_errors=True)

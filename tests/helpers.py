@@ -1,5 +1,5 @@
-"""What several test modules share: the test secret and tokens (also hand-made ones), the app's test config, and
-database isolation.
+"""What several test modules share: the test secret and tokens (also hand-made ones), the app's test config,
+database isolation, and running a helper server process.
 
 Fixtures live in conftest.py and build on these; test modules import from here, never from conftest or from
 each other.
@@ -11,14 +11,18 @@ import base64
 import hashlib
 import hmac
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import jwt
 from flask import Flask
 from sqlalchemy.orm import sessionmaker
+
+from todo_api.embedded_postgres import port_open
 
 SECRET = "test-secret-that-is-long-enough-for-hs256-and-hs512-0123456789abcdef"
 # PostgreSQL where nothing listens: for apps that must not, or need not, reach a database (engines connect lazily).
@@ -109,3 +113,24 @@ def hs256(header: Any, payload: Any, secret: bytes = SECRET.encode()) -> str:
     """Sign header.payload with HMAC-SHA256 whatever they contain (PyJWT refuses odd headers and PEM secrets)."""
     signing_input = f"{segment(header)}.{segment(payload)}"
     return f"{signing_input}.{b64url(hmac.new(secret, signing_input.encode(), hashlib.sha256).digest())}"
+
+
+@contextmanager
+def running_server(command: list[str], port: int, log_path: Path, name: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A server process (PgBouncer, HAProxy) until the block ends, once it listens on 127.0.0.1:port."""
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while not port_open("127.0.0.1", port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start:\n{log_path.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.05)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -10,16 +10,16 @@ import contextlib
 import os
 import pwd
 import shutil
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import make_url
 
-from todo_api.embedded_postgres import free_port, port_open
+from todo_api.embedded_postgres import free_port
+
+from .helpers import running_server
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 POOL_SIZE = 5
@@ -38,7 +38,6 @@ default_pool_size = {pool_size}
 max_client_conn = 200
 server_reset_query =
 ignore_startup_parameters = extra_float_digits
-logfile = {folder}/pgbouncer.log
 pidfile = {folder}/pgbouncer.pid
 admin_users = {user}
 """
@@ -52,7 +51,7 @@ def transaction_pooler(server_url: str) -> Iterator[str]:
     upstream = make_url(server_url)
     user = upstream.username or "postgres"
     folder = Path(tempfile.mkdtemp(prefix="todo-api-pgbouncer-"))
-    folder.chmod(0o755)  # as root pgbouncer drops to the postgres account, which must read its config and log
+    folder.chmod(0o755)  # as root pgbouncer drops to the postgres account, which reads its config, writes its pid
     listen_port = free_port()
     (folder / "users.txt").write_text(f'"{user}" ""\n')
     (folder / "pgbouncer.ini").write_text(CONFIG.format(
@@ -64,20 +63,8 @@ def transaction_pooler(server_url: str) -> Iterator[str]:
         account = pwd.getpwnam("postgres")
         os.chown(folder, account.pw_uid, account.pw_gid)
         command[1:1] = ["-u", "postgres"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 10
-        while not port_open("127.0.0.1", listen_port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                log = (folder / "pgbouncer.log").read_text() if (folder / "pgbouncer.log").exists() else ""
-                raise RuntimeError(f"pgbouncer did not start:\n{log[-2000:]}")
-            time.sleep(0.05)
-        yield upstream.set(host="127.0.0.1", port=listen_port).render_as_string(hide_password=False)
+        with running_server(command, listen_port, folder / "pgbouncer.log", "pgbouncer"):
+            yield upstream.set(host="127.0.0.1", port=listen_port).render_as_string(hide_password=False)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
         shutil.rmtree(folder, ignore_errors=True)

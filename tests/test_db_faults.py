@@ -15,6 +15,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -148,49 +150,54 @@ def test_stopped_postgres_gives_fast_503s_and_service_resumes_when_it_is_back(tm
         database.close()
 
 
-def test_blackholed_dropped_or_refused_database_gives_bounded_503s_then_recovers(faults_url, admin, tmp_path):
+@contextmanager
+def server_behind_a_proxy(faults_url: str, log_dir: Path) -> Iterator[tuple[TcpProxy, Any, str, dict[str, Any]]]:
+    """gunicorn on faults_url through a TcpProxy: (proxy, a user's task, the user, that user's requests by kind)."""
     upstream = make_url(faults_url)
     with TcpProxy(upstream.host or "127.0.0.1", upstream.port or 5432) as proxy:
         url = upstream.set(port=proxy.port).render_as_string(hide_password=False)
-        with live_server(server_env(url, **FAULT_ENV), log_dir=tmp_path) as server:
+        with live_server(server_env(url, **FAULT_ENV), log_dir=log_dir) as server:
             user = f"faults-{uuid.uuid4().hex[:8]}"
             status, _, task = call("POST", f"{server.base_url}/api/{user}/tasks", make_token(user), {"title": "kept"})
             assert status == 201, task
-            requests = user_requests(server.base_url, user, task["id"])
+            yield proxy, task, user, user_requests(server.base_url, user, task["id"])
 
-            bounds = {
-                # Pooled connections stall until the client-side deadline; new ones until the connect timeout.
-                BLACKHOLE: IO_DEADLINE + SLACK,
-                # Reset connections and a closed port fail at once.
-                DROP: SLACK,
-                REFUSE: SLACK,
-            }
-            for mode, bound in bounds.items():
-                with ThreadPoolExecutor(max_workers=8) as pool:  # warm pooled connections in both workers
-                    assert set(pool.map(lambda _: requests["list"]()[0], range(8))) == {200}
-                proxy.set_mode(mode)
-                # All kinds, twice over, four at a time (a worker's threads): pooled and new connections. More at
-                # once would also measure requests queueing for a worker thread.
-                with ThreadPoolExecutor(max_workers=4) as pool:
-                    futures = {name: pool.submit(timed, request)
-                               for name, request in [*requests.items(), *((n + "-2", r) for n, r in requests.items())]}
-                    results = {name: future.result() for name, future in futures.items()}
-                for name, ((status, headers, body), elapsed) in results.items():
-                    assert_unavailable(status, headers, body, f"{mode} {name}")
-                    assert elapsed < bound, f"{mode} {name}: {elapsed:.2f} s"
-                slowest = max(elapsed for _, elapsed in results.values())
-                print(f"{mode}: slowest 503 in {slowest:.3f} s (bound {bound:.1f} s)")
 
-                proxy.set_mode(FORWARD)
-                back = time.monotonic()
-                # Each worker's probe notices within FAIL_FAST; the worker serves every kind again from then on.
-                wait_for(lambda: all(requests["list"]()[0] == 200 for _ in range(4)), FAIL_FAST + SLACK,
-                         f"service after {mode}")
-                for name, request in requests.items():
-                    status, _, body = request()
-                    assert status in (200, 201), (mode, name, status, body)
-                print(f"{mode}: every kind of request succeeded again {time.monotonic() - back:.3f} s after it ended")
-            assert task["id"] in task_ids_of(admin, user)
+def test_blackholed_dropped_or_refused_database_gives_bounded_503s_then_recovers(faults_url, admin, tmp_path):
+    with server_behind_a_proxy(faults_url, tmp_path) as (proxy, task, user, requests):
+        bounds = {
+            # Pooled connections stall until the client-side deadline; new ones until the connect timeout.
+            BLACKHOLE: IO_DEADLINE + SLACK,
+            # Reset connections and a closed port fail at once.
+            DROP: SLACK,
+            REFUSE: SLACK,
+        }
+        for mode, bound in bounds.items():
+            with ThreadPoolExecutor(max_workers=8) as pool:  # warm pooled connections in both workers
+                assert set(pool.map(lambda _: requests["list"]()[0], range(8))) == {200}
+            proxy.set_mode(mode)
+            # All kinds, twice over, four at a time (a worker's threads): pooled and new connections. More at
+            # once would also measure requests queueing for a worker thread.
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                futures = {name: pool.submit(timed, request)
+                           for name, request in [*requests.items(), *((n + "-2", r) for n, r in requests.items())]}
+                results = {name: future.result() for name, future in futures.items()}
+            for name, ((status, headers, body), elapsed) in results.items():
+                assert_unavailable(status, headers, body, f"{mode} {name}")
+                assert elapsed < bound, f"{mode} {name}: {elapsed:.2f} s"
+            slowest = max(elapsed for _, elapsed in results.values())
+            print(f"{mode}: slowest 503 in {slowest:.3f} s (bound {bound:.1f} s)")
+
+            proxy.set_mode(FORWARD)
+            back = time.monotonic()
+            # Each worker's probe notices within FAIL_FAST; the worker serves every kind again from then on.
+            wait_for(lambda: all(requests["list"]()[0] == 200 for _ in range(4)), FAIL_FAST + SLACK,
+                     f"service after {mode}")
+            for name, request in requests.items():
+                status, _, body = request()
+                assert status in (200, 201), (mode, name, status, body)
+            print(f"{mode}: every kind of request succeeded again {time.monotonic() - back:.3f} s after it ended")
+        assert task["id"] in task_ids_of(admin, user)
 
 
 def test_once_the_database_is_known_unreachable_requests_fail_fast_and_service_resumes_by_itself(
@@ -198,34 +205,27 @@ def test_once_the_database_is_known_unreachable_requests_fail_fast_and_service_r
 ):
     """Blackholed: the first requests of each worker wait out the timeouts; every later one gets 503 within 2 s
     instead of waiting too. When the database is back, requests succeed again within 2 s, with no restart."""
-    upstream = make_url(faults_url)
-    with TcpProxy(upstream.host or "127.0.0.1", upstream.port or 5432) as proxy:
-        url = upstream.set(port=proxy.port).render_as_string(hide_password=False)
-        with live_server(server_env(url, **FAULT_ENV), log_dir=tmp_path) as server:
-            user = f"faults-{uuid.uuid4().hex[:8]}"
-            status, _, task = call("POST", f"{server.base_url}/api/{user}/tasks", make_token(user), {"title": "kept"})
-            assert status == 201, task
-            requests = user_requests(server.base_url, user, task["id"])
-            proxy.set_mode(BLACKHOLE)
-            learning = time.monotonic() + IO_DEADLINE + SLACK  # each worker learns it from its own first requests
-            with ThreadPoolExecutor(max_workers=4) as pool:
-                list(pool.map(lambda _: requests["list"](), range(8)))
-            assert time.monotonic() < learning + IO_DEADLINE, "the first requests were not bounded"
-            later: list[float] = []
-            for name in ("list", "get", "toggle", "create") * 4:
-                (status, headers, body), elapsed = timed(requests[name])
-                assert_unavailable(status, headers, body, f"blackholed {name}")
-                later.append(elapsed)
-            print(f"blackholed: later 503s took at most {max(later):.3f} s")
-            assert max(later) < FAIL_FAST, later
+    with server_behind_a_proxy(faults_url, tmp_path) as (proxy, _task, _user, requests):
+        proxy.set_mode(BLACKHOLE)
+        learning = time.monotonic() + IO_DEADLINE + SLACK  # each worker learns it from its own first requests
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(lambda _: requests["list"](), range(8)))
+        assert time.monotonic() < learning + IO_DEADLINE, "the first requests were not bounded"
+        later: list[float] = []
+        for name in ("list", "get", "toggle", "create") * 4:
+            (status, headers, body), elapsed = timed(requests[name])
+            assert_unavailable(status, headers, body, f"blackholed {name}")
+            later.append(elapsed)
+        print(f"blackholed: later 503s took at most {max(later):.3f} s")
+        assert max(later) < FAIL_FAST, later
 
-            proxy.set_mode(FORWARD)
-            back = time.monotonic()
-            recovered = wait_for(lambda: requests["get"]()[0] == 200, FAIL_FAST + SLACK, "a 200 after the outage")
-            for name, request in requests.items():
-                status, _, body = request()
-                assert status in (200, 201), (name, status, body)
-            print(f"back: first 200 after {recovered:.3f} s, every kind served {time.monotonic() - back:.3f} s after")
+        proxy.set_mode(FORWARD)
+        back = time.monotonic()
+        recovered = wait_for(lambda: requests["get"]()[0] == 200, FAIL_FAST + SLACK, "a 200 after the outage")
+        for name, request in requests.items():
+            status, _, body = request()
+            assert status in (200, 201), (name, status, body)
+        print(f"back: first 200 after {recovered:.3f} s, every kind served {time.monotonic() - back:.3f} s after")
 
 
 @pytest.fixture(scope="module")
