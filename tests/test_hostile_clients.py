@@ -13,25 +13,33 @@ import json
 import select
 import socket
 import time
+import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
 
-from todo_api.gunicorn_worker import HEAD_TIMEOUT, head_ready
+from todo_api.gunicorn_worker import HEAD_TIMEOUT, MAX_HEAD_BYTES, head_ready
 from todo_api.observability import SAFE_REQUEST_ID
 from todo_api.web import API_CSP, SECURITY_HEADERS
 
+from .helpers import make_token
 from .live_server import LiveServer, live_server, server_env
 from .slow_clients import measure
 
 pytestmark = pytest.mark.slow
 
+FIELD_LIMIT = 16 * 1024  # gunicorn.conf.py's limit_request_field_size
+TOKEN_LIMIT = 8 * 1024  # todo_api/auth.py's MAX_TOKEN_LENGTH
+AUTHORIZATION = b"Authorization: Bearer "
 CLOSE_MARGIN = 2.0  # seconds after a deadline within which the connection must be gone
+TOO_LARGE = {"detail": "Request body too large (limit 64 KiB)"}
 
 
 @pytest.fixture(scope="module")
 def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """Two workers of 4 threads."""
+    """Two workers of 4 threads; only the well-formed chunked create reaches the database."""
     env = server_env(database_url, LOG_LEVEL="WARNING")
     with live_server(env, log_dir=tmp_path_factory.mktemp("gunicorn")) as server:
         yield server
@@ -63,6 +71,12 @@ def read_to_end(sock: socket.socket) -> bytes:
     return data
 
 
+def exchange(server: LiveServer, raw: bytes) -> bytes:
+    with connect(server) as sock:
+        sock.sendall(raw)
+        return read_to_end(sock)
+
+
 def parse(raw: bytes) -> tuple[int, dict[str, str], bytes]:
     """The first response in raw bytes: status, headers (lower-case names), body."""
     head, _, rest = raw.partition(b"\r\n\r\n")
@@ -85,6 +99,12 @@ def assert_envelope(raw: bytes, status: int, detail: str | None = None) -> dict[
     assert SAFE_REQUEST_ID.match(headers["x-request-id"])
     assert b"<html" not in raw.lower()
     return headers
+
+
+def get(path: str = "/health", *headers: bytes, version: bytes = b"HTTP/1.1", host: bool = True) -> bytes:
+    lines = [b"GET " + path.encode() + b" " + version, *([b"Host: 127.0.0.1"] if host else []), *headers,
+             b"Connection: close"]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
 # --- 1. slow clients ----------------------------------------------------------------------------------------------
@@ -184,3 +204,127 @@ def test_clients_that_never_close_do_not_stall_the_worker(postgres_url, tmp_path
 ])
 def test_a_head_is_handed_to_gunicorn_once_it_is_whole_or_refusable(data, start, ready):
     assert head_ready(data, start) is ready
+
+
+# --- 2. framing ---------------------------------------------------------------------------------------------------
+
+def chunked_post(body: bytes, user: str = "alice") -> bytes:
+    return (f"POST /api/{user}/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode() + AUTHORIZATION
+            + make_token(user).encode() + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + body)
+
+
+@pytest.mark.parametrize("body", [
+    b"0x10\r\n" + b"a" * 16 + b"\r\n0\r\n\r\n",
+    b"-10\r\n" + b"a" * 16 + b"\r\n0\r\n\r\n",
+    b"zz\r\n" + b"a" * 16 + b"\r\n0\r\n\r\n",
+    b'e\r\n{"title": "t"}XX0\r\n\r\n',  # no CRLF after the chunk's data
+    b'e\r\n{"title": "t"}\r\n0\r\nHost: x\r\n\r\n',  # a trailer that may not be one
+], ids=["0x10", "-10", "zz", "missing-crlf-after-data", "forbidden-trailer"])
+def test_a_malformed_chunked_body_is_400_json_with_one_warning_line(server, log, body):
+    assert_envelope(exchange(server, chunked_post(body)), 400, "Malformed request body")
+    time.sleep(0.2)
+    assert [line for line in server.output().splitlines() if "malformed request body" in line]
+
+
+def test_a_well_formed_chunked_body_is_accepted(server, log, database_url):
+    user = f"framing-test-{uuid.uuid4()}"
+    try:
+        status, _, body = parse(exchange(server, chunked_post(b'e\r\n{"title": "t"}\r\n0\r\n\r\n', user)))
+        assert status == 201 and json.loads(body)["title"] == "t"
+    finally:
+        engine = create_engine(database_url)
+        with engine.begin() as connection:
+            connection.execute(text("DELETE FROM tasks WHERE user_id = :user"), {"user": user})
+        engine.dispose()
+
+
+def test_an_http_1_1_request_without_host_is_400_json(server, log):
+    headers = assert_envelope(exchange(server, get(host=False, version=b"HTTP/1.1")), 400,
+                              "An HTTP/1.1 request needs a Host header")
+    headers = assert_envelope(exchange(server, get("/health", b"X-Request-ID: no-host-1", host=False)), 400)
+    assert headers["x-request-id"] == "no-host-1"
+
+
+def test_an_http_1_0_request_without_host_is_served(server, log):
+    status, _, body = parse(exchange(server, get(host=False, version=b"HTTP/1.0")))
+    assert (status, body) == (200, b'{"status":"ok"}')
+
+
+@pytest.mark.parametrize("length", [TOKEN_LIMIT, TOKEN_LIMIT + 1, 8167, FIELD_LIMIT - len(AUTHORIZATION) - 2])
+def test_a_token_up_to_the_field_limit_reaches_the_app_and_gets_401(server, log, length):
+    raw = exchange(server, get("/api/me", AUTHORIZATION + b"a" * length))
+    headers = assert_envelope(raw, 401, "Invalid authentication token")
+    assert headers["www-authenticate"].startswith("Bearer")
+
+
+def test_a_header_field_over_the_limit_is_431_json(server, log):
+    raw = exchange(server, get("/api/me", AUTHORIZATION + b"a" * (FIELD_LIMIT - len(AUTHORIZATION) - 1)))
+    assert_envelope(raw, 431)
+
+
+def test_a_head_over_64_kib_in_all_is_431_json(server, log):
+    fields = [b"X-Pad-%d: " % i + b"a" * (FIELD_LIMIT - 100) for i in range(MAX_HEAD_BYTES // FIELD_LIMIT + 1)]
+    assert_envelope(exchange(server, get("/health", *fields)), 431)
+
+
+def test_a_request_line_over_the_limit_is_414_json(server, log):
+    assert_envelope(exchange(server, get("/health?" + "a" * 5000)), 414)
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET /health HTTP/1.1\nHost: x\n\n",  # bare LF
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # a TLS hello, more or less
+    b"GET /health HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    b"GET /he alth HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /health HTTP/9.9\r\nHost: x\r\n\r\n",
+], ids=["bare-lf", "binary", "two-hosts", "two-content-lengths", "space-in-target", "http-9.9"])
+def test_a_malformed_head_is_400_json(server, log, raw):
+    assert_envelope(exchange(server, raw), 400)
+
+
+def post_body(size: int) -> tuple[bytes, bytes]:
+    body = b'{"title": "' + b"a" * (size - 13) + b'"}'
+    head = (b"POST /api/alice/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\n" + AUTHORIZATION + make_token("alice").encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body))
+    return head, body
+
+
+def test_a_70_kib_body_gets_a_413_the_client_reads_every_time(server, log):
+    _, body = post_body(70 * 1024)
+    headers = {"Authorization": f"Bearer {make_token('alice')}", "Content-Type": "application/json"}
+    outcomes: dict[Any, int] = {}
+    for _ in range(50):
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        try:
+            connection.request("POST", "/api/alice/tasks", body=body, headers=headers)
+            response = connection.getresponse()
+            outcome: Any = (response.status, json.loads(response.read()) == TOO_LARGE)
+        except OSError as error:
+            outcome = type(error).__name__
+        finally:
+            connection.close()
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    print(f"50 POSTs of 70 KiB: {outcomes}")
+    assert outcomes == {(413, True): 50}
+
+
+def test_a_large_body_sent_slowly_gets_a_413_the_client_reads(server, log):
+    """A client on a slower link is still sending when the 413 is written: the server reads on (up to 1 MiB) before
+    closing, so the client is not reset before it reads the answer."""
+    head, body = post_body(512 * 1024)
+    outcomes: dict[Any, int] = {}
+    for _ in range(5):
+        with connect(server) as sock:
+            try:
+                sock.sendall(head)
+                for offset in range(0, len(body), 8192):
+                    sock.sendall(body[offset:offset + 8192])
+                    time.sleep(0.002)
+                outcome: Any = parse(read_to_end(sock))[0]
+            except OSError as error:
+                outcome = type(error).__name__
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    print(f"5 POSTs of 512 KiB in 8 KiB pieces: {outcomes}")
+    assert outcomes == {413: 5}
