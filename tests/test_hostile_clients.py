@@ -263,9 +263,13 @@ def test_a_header_field_over_the_limit_is_431_json(server, log):
     assert_envelope(raw, 431)
 
 
-def test_a_head_over_64_kib_in_all_is_431_json(server, log):
+def test_a_head_over_32_kib_in_all_is_431_json(server, log):
     fields = [b"X-Pad-%d: " % i + b"a" * (FIELD_LIMIT - 100) for i in range(MAX_HEAD_BYTES // FIELD_LIMIT + 1)]
     assert_envelope(exchange(server, get("/health", *fields)), 431)
+
+
+def test_a_head_of_over_100_fields_is_431_json(server, log):
+    assert_envelope(exchange(server, get("/health", *(b"X-F%d: 1" % i for i in range(101)))), 431)
 
 
 def test_a_request_line_over_the_limit_is_414_json(server, log):
