@@ -3,7 +3,7 @@
 Environment:
 PORT                 Listen port on 0.0.0.0 (default 8000).
 WEB_CONCURRENCY      Worker processes (default 4).
-GUNICORN_THREADS     Threads per worker; above 1 selects the gthread worker (default 4).
+GUNICORN_THREADS     Threads per worker (default 4).
 GUNICORN_TIMEOUT     Seconds a worker may be silent before it is killed (default 30).
 GUNICORN_GRACEFUL_TIMEOUT  Seconds to finish in-flight requests on shutdown (default 25; keep it below the
                      platform's stop timeout: `docker run --stop-timeout 30`, Kubernetes' 30 s grace period).
@@ -34,7 +34,11 @@ bind = f"0.0.0.0:{_env_int('PORT', 8000)}"
 
 workers = _env_int("WEB_CONCURRENCY", 4)
 threads = _env_int("GUNICORN_THREADS", 4)
-worker_class = "gthread" if threads > 1 else "sync"
+# gthread, reading request heads in its event loop with a 5 s deadline and answering what gunicorn refuses with the
+# JSON envelope: slow clients cannot hold threads (todo_api/gunicorn_worker.py). Also with 1 thread.
+worker_class = "todo_api.gunicorn_worker.ThreadWorker"
+# Fields up to 16 KiB reach the app, which answers a token over 8 KiB 401; a larger field or head is 431 JSON.
+limit_request_field_size = 16 * 1024
 
 # Workers fork from a master that already imported the app: fast recycling, shared memory,
 # and a configuration error stops the master at once instead of boot-looping workers.

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from gunicorn.http.errors import ChunkMissingTerminator, InvalidChunkExtension, InvalidChunkSize
 
 from .helpers import assert_error, bearer, make_token
 
@@ -223,3 +224,32 @@ def test_a_content_length_over_64_kib_is_413_whatever_the_type(send, content_typ
     headers = {"Content-Type": content_type} if content_type else {}
     response = send("post", f"/api/{USER}/tasks", data=padded(LIMIT + 1), headers=headers)
     assert_error(response, 413, TOO_LARGE)
+
+
+# --- chunks gunicorn cannot read -----------------------------------------------------------------------------------
+
+class MalformedChunks:
+    """gunicorn's wsgi.input on a malformed chunked body: reading raises its parser's error (which is no OSError,
+    so werkzeug does not take it for a client that left)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def read(self, _size: int = -1) -> bytes:
+        raise self.error
+
+    def tell(self) -> int:  # the test client measures the stream
+        return 0
+
+    def seek(self, _offset: int, _whence: int = 0) -> int:
+        return 0
+
+
+@pytest.mark.parametrize("error", [InvalidChunkSize(b"zz"), ChunkMissingTerminator(b"XX"), InvalidChunkExtension(b";")],
+                         ids=["bad-size", "no-crlf-after-data", "bad-extension"])
+def test_malformed_chunks_are_400_with_a_warning_and_no_traceback(send, capsys, error):
+    response = send("post", f"/api/{USER}/tasks", **{**chunked(b""), "input_stream": MalformedChunks(error)})
+    assert_error(response, 400, {"detail": "Malformed request body"})
+    logged = capsys.readouterr().err
+    assert '"level": "WARNING"' in logged and "malformed request body" in logged
+    assert "Traceback" not in logged and '"level": "ERROR"' not in logged

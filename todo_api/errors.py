@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from flask import Flask, Response, g, jsonify
+from gunicorn.http.errors import ParseException
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException
@@ -93,6 +94,15 @@ def handle_database_error(error: SQLAlchemyError) -> Response:
     return handle_unexpected(error)
 
 
+def handle_bad_framing(error: ParseException) -> Response:
+    """A chunked body gunicorn's parser refused while the app read it (a bad chunk size, no CRLF after a chunk's
+    data, a forbidden trailer...): the client's fault, so 400 and one WARNING line, never a traceback. gunicorn
+    closes the connection after the answer: where the next request would start is unknown. (A client that left
+    mid-body raises an OSError, which werkzeug already answers 400.)"""
+    log.warning("malformed request body: %s", type(error).__name__, extra={"request_id": g.get("request_id")})
+    return error_response(400, "Malformed request body")
+
+
 def handle_unexpected(error: BaseException) -> Response:
     log.error("unhandled error", exc_info=error, extra={"request_id": g.get("request_id")})
     return error_response(500)
@@ -101,4 +111,5 @@ def handle_unexpected(error: BaseException) -> Response:
 def init_app(app: Flask) -> None:
     """Errors that are not HTTP errors; those get the envelope from TodoApi.handle_http_exception."""
     app.register_error_handler(SQLAlchemyError, handle_database_error)
+    app.register_error_handler(ParseException, handle_bad_framing)
     app.register_error_handler(Exception, handle_unexpected)
