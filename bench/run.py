@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=64, help="connections at saturation (default 64)")
     parser.add_argument("--rate", type=float, default=200.0, help="fixed total rate in req/s (default 200)")
     parser.add_argument("--rate-connections", type=int, default=20, help="connections at the fixed rate (default 20)")
+    parser.add_argument("--rate-limits", choices=("off", "memory", "redis"), default="off",
+                        help="our rate limits: off (default), or on with counters in memory or in REDIS_URL's Redis "
+                             "(default redis://127.0.0.1:6379/0), with limits too high to be reached: their cost")
     parser.add_argument("--users", type=int, default=20, help="users user1..userN (default 20)")
     parser.add_argument("--tasks-per-user", type=int, default=10_000, help="seeded tasks per user (default 10000)")
     args = parser.parse_args(argv)
@@ -109,9 +112,18 @@ def start_ours(stack: ExitStack, args: argparse.Namespace, postgres: pg.Postgres
         return Server("ours", args.target.rstrip("/")), None
     assert postgres is not None
     pg.prepare_todo_database(postgres.url, secret, _users(args), args.tasks_per_user)
-    env = {**pg.app_env(postgres.url, secret), "LOG_LEVEL": args.log_level}
+    env = {**pg.app_env(postgres.url, secret), "LOG_LEVEL": args.log_level, **rate_limit_env(args.rate_limits)}
     server = start_gunicorn(stack, "ours", "wsgi:app", env, logs / "ours.log", "/health")
     return server, partial(pg.delete_created, postgres.url, "tasks")
+
+
+def rate_limit_env(mode: str) -> dict[str, str]:
+    """Rate limiting as counted for real, with limits no bench reaches: the cost of the counting, not of 429s."""
+    if mode == "off":
+        return {"RATELIMIT_ENABLED": "false"}
+    storage = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0") if mode == "redis" else "memory://"
+    return {"RATELIMIT_ENABLED": "true", "RATELIMIT_STORAGE_URI": storage, "RATELIMIT_KEY_PREFIX": "todo-api-bench",
+            "RATELIMIT_APPLICATION": "1000000000 per minute", "RATELIMIT_ANONYMOUS": "1000000000 per minute"}
 
 
 def gunicorn_setting(name: str) -> object:
