@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+
+from todo_api.embedded_postgres import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_STACK_RUN = ROOT.parent / "shared" / "bench" / "seed_stack" / "run.sh"
@@ -27,12 +28,6 @@ OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 class Server:
     name: str
     url: str
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _answers(url: str) -> bool:

@@ -27,7 +27,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -42,6 +41,8 @@ from typing import Any
 
 import psycopg2
 from psycopg2 import sql
+
+from todo_api.embedded_postgres import free_port
 
 BETTER_AUTH_DIR = Path(__file__).resolve().parent / "better_auth"
 SUPPORTED_ALGS: tuple[str, ...] = ("EdDSA", "ES256", "ES512", "RS256", "PS256")
@@ -102,12 +103,6 @@ def ensure_installed(timeout: float = 600.0) -> None:
             stamp_path.write_text(wanted + "\n")
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _with_database(database_url: str, dbname: str) -> str:
@@ -262,7 +257,7 @@ class _StartFailed(BetterAuthError):
 
 
 def _launch(database_url: str, alg: str, startup_timeout: float) -> tuple[BetterAuth, threading.Thread]:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     secret = secrets.token_urlsafe(32)
     env = {

