@@ -36,7 +36,7 @@ HEALTHCHECK --interval=30s --timeout=3s --start-period=10s --retries=3 \
     CMD python -c "import os, urllib.request as r; port = os.environ.get('PORT', '8000'); \
         r.build_opener(r.ProxyHandler({})).open(f'http://127.0.0.1:{port}/health', timeout=2)"
 
-# RUN_MIGRATIONS=1 migrates MIGRATIONS_DATABASE_URL (else DATABASE_URL) first, one replica at a time.
+# RUN_MIGRATIONS=1 migrates MIGRATIONS_DATABASE_URL (else DATABASE_URL's direct endpoint) first, one replica at a time.
 # On SIGTERM gunicorn finishes in-flight requests for up to GUNICORN_GRACEFUL_TIMEOUT (25 s): give the container
 # a longer stop timeout (`docker run --stop-timeout 30`; Docker's default is 10 s, Kubernetes' grace period 30 s).
 ENTRYPOINT ["/app/docker-entrypoint.sh"]

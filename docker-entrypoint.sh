@@ -1,7 +1,8 @@
 #!/bin/sh
 # The container's entry point: with RUN_MIGRATIONS=1, migrate first; then run the command (gunicorn by default).
 #
-# Migrations run on MIGRATIONS_DATABASE_URL (Neon's direct endpoint; DATABASE_URL when unset) in one transaction
+# Migrations run on MIGRATIONS_DATABASE_URL (Neon's direct endpoint; when unset, DATABASE_URL, or its direct twin
+# when that is Neon's pooled endpoint: todo_api/config.py) in one transaction
 # that first takes a PostgreSQL advisory lock, so replicas starting together migrate one at a time: the others
 # wait for the lock, then find the schema at head. Each outcome is one JSON line on stderr with the fields of the
 # app's own lines (todo_api/observability.py). A failure exits 1 and the server never starts; SIGTERM while
@@ -31,7 +32,7 @@ from sqlalchemy import create_engine, func, pool, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from todo_api.cli import alembic_config
+from todo_api.cli import alembic_config, database_error_line
 from todo_api.config import ConfigError, load_config
 from todo_api.deadlines import install_wait_callback
 from todo_api.observability import JSONFormatter, configure_logging
@@ -58,6 +59,8 @@ install_wait_callback()  # psycopg2 waits in Python, where SIGTERM can interrupt
 where = "the database"
 try:
     config = load_config()
+    if config["MIGRATIONS_DATABASE_URL_NOTE"]:  # derived from a Neon pooled DATABASE_URL
+        log.info("%s", config["MIGRATIONS_DATABASE_URL_NOTE"])
     url = make_url(config["MIGRATIONS_DATABASE_URL"])
     host = url.host or "localhost"
     where = f"{host}:{url.port or 5432}/{url.database}"
@@ -77,8 +80,7 @@ except Stopped:
     log.warning("migrations: stopped by SIGTERM; %s is left as it was", where)
     sys.exit(143)
 except (ConfigError, DBAPIError) as error:
-    lines = str(getattr(error, "orig", None) or error).splitlines()  # libpq gives two for a refused connection
-    log.error("migrations failed on %s: %s", where, "; ".join(filter(None, map(str.strip, lines))))
+    log.error("migrations failed on %s: %s", where, database_error_line(error))
     sys.exit(1)
 except Exception:
     log.exception("migrations failed on %s", where)

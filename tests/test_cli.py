@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jwt
 from sqlalchemy import func, select
 
@@ -9,6 +13,7 @@ from todo_api.db import get_session
 from todo_api.models import Task
 
 from .helpers import SECRET, bearer
+from .live_server import ROOT, SERVER_VARIABLES
 
 
 def count_tasks(app, user_id: str) -> int:
@@ -56,3 +61,16 @@ def test_db_current_shows_head(runner):
     result = runner.invoke(args=["db", "current"])
     assert result.exit_code == 0, result.output
     assert "(head)" in result.output
+
+
+def test_db_commands_say_they_migrate_the_direct_twin_of_a_neon_pooled_url_and_fail_in_one_line():
+    """The derived host is the one connected to: `.invalid` never resolves, so the error names it."""
+    env = {key: value for key, value in os.environ.items() if key not in SERVER_VARIABLES}
+    env["DATABASE_URL"] = "postgresql://postgres@ep-gone-1-pooler.invalid/todo?sslmode=disable&connect_timeout=2"
+    result = subprocess.run([sys.executable, "-m", "flask", "--app", "wsgi", "db", "current"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    note, error = result.stderr.strip().splitlines()
+    assert note == ("todo-api: migrations run on Neon's direct endpoint ep-gone-1.invalid, derived from DATABASE_URL's "
+                    "pooled ep-gone-1-pooler.invalid (MIGRATIONS_DATABASE_URL chooses another)")
+    assert error.startswith('Error: could not translate host name "ep-gone-1.invalid"'), error

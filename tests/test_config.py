@@ -51,6 +51,31 @@ def test_migrations_url_overrides_database_url(tmp_path):
     assert config["MIGRATIONS_DATABASE_URL"] == "postgresql+psycopg2://direct/db"
 
 
+NEON_POOLED = "postgresql://u:p@ep-cool-sky-123456-pooler.us-east-2.aws.neon.tech/neondb?sslmode=require"
+NEON_DIRECT = "postgresql+psycopg2://u:p@ep-cool-sky-123456.us-east-2.aws.neon.tech/neondb?sslmode=require"
+
+
+def test_migrations_use_the_direct_twin_of_a_neon_pooled_database_url_and_say_so(tmp_path):
+    config = load_config({"DATABASE_URL": NEON_POOLED})
+    assert config["DATABASE_URL"] == NEON_POOLED.replace("postgresql:", "postgresql+psycopg2:")
+    assert config["MIGRATIONS_DATABASE_URL"] == NEON_DIRECT
+    assert "ep-cool-sky-123456.us-east-2.aws.neon.tech" in config["MIGRATIONS_DATABASE_URL_NOTE"]
+
+
+def test_a_neon_pooled_migrations_url_stops_start_up_naming_the_direct_host(tmp_path):
+    with pytest.raises(ConfigError, match=r"^MIGRATIONS_DATABASE_URL is Neon's pooled endpoint .*"
+                                          r"use its direct endpoint, ep-cool-sky-123456\.us-east-2"):
+        load_config({"DATABASE_URL": NEON_POOLED, "MIGRATIONS_DATABASE_URL": NEON_POOLED})
+
+
+@pytest.mark.parametrize("url", ["postgresql://u@db.internal:6432/app", "postgresql://u@pooler.example.com/app",
+                                 "postgresql://u@ep-x-pooler-db.example.com/app"])
+def test_a_url_that_is_not_a_neon_pooled_host_is_migrated_as_given(tmp_path, url):
+    config = load_config({"DATABASE_URL": url})
+    assert config["MIGRATIONS_DATABASE_URL"] == normalize_database_url(url)
+    assert config["MIGRATIONS_DATABASE_URL_NOTE"] is None
+
+
 def test_lists_and_integers_are_parsed(tmp_path):
     config = load_config({"FRONTEND_URL": "https://a.com, https://b.com", "JWT_LEEWAY": "5",
                                     "JWT_AUDIENCE": "x,y", "DB_POOL_SIZE": "7"})

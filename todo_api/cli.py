@@ -6,6 +6,8 @@ import random
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from alembic.config import Config as AlembicConfig
 from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 from sqlalchemy import insert
+from sqlalchemy.exc import DBAPIError
 
 from .db import get_session
 from .models import PRIORITIES, Task, utcnow
@@ -27,9 +30,13 @@ SEED_BATCH = 2000
 
 def alembic_config(url: str | None = None) -> AlembicConfig:
     """Alembic driven from the app's configuration; MIGRATIONS_DATABASE_URL wins for Neon's direct endpoint."""
+    if url is None:
+        url = current_app.config["MIGRATIONS_DATABASE_URL"]
+        if current_app.config.get("MIGRATIONS_DATABASE_URL_NOTE"):  # derived from a Neon pooled DATABASE_URL
+            click.echo(f"todo-api: {current_app.config['MIGRATIONS_DATABASE_URL_NOTE']}", err=True)
     config = AlembicConfig(stdout=sys.stdout)  # the stream of the moment, not the one at import
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    config.set_main_option("sqlalchemy.url", (url or current_app.config["MIGRATIONS_DATABASE_URL"]).replace("%", "%%"))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
 
 
@@ -41,24 +48,42 @@ def migrate(url: str) -> None:
 db_group = AppGroup("db", help="Database migrations (Alembic).")
 
 
+def database_error_line(error: Exception) -> str:
+    """The driver's message on one line (libpq gives two for a refused connection)."""
+    lines = str(getattr(error, "orig", None) or error).splitlines()
+    return "; ".join(filter(None, map(str.strip, lines)))
+
+
+@contextmanager
+def one_line_database_errors() -> Iterator[None]:
+    """A database that cannot be reached is one line naming the cause, not a traceback."""
+    try:
+        yield
+    except DBAPIError as error:
+        raise click.ClickException(database_error_line(error)) from None
+
+
 @db_group.command("upgrade")
 @click.argument("revision", default="head")
 def upgrade(revision: str) -> None:
     """Upgrade the schema to REVISION (default: head)."""
-    command.upgrade(alembic_config(), revision)
+    with one_line_database_errors():
+        command.upgrade(alembic_config(), revision)
 
 
 @db_group.command("downgrade")
 @click.argument("revision", default="-1")
 def downgrade(revision: str) -> None:
     """Downgrade the schema to REVISION (default: one step back)."""
-    command.downgrade(alembic_config(), revision)
+    with one_line_database_errors():
+        command.downgrade(alembic_config(), revision)
 
 
 @db_group.command("current")
 def current() -> None:
     """Show the schema's current revision."""
-    command.current(alembic_config())
+    with one_line_database_errors():
+        command.current(alembic_config())
 
 
 @db_group.command("revision")
@@ -66,7 +91,8 @@ def current() -> None:
 @click.option("--autogenerate", is_flag=True, help="Compare the models with the database.")
 def revision(message: str, autogenerate: bool) -> None:
     """Create a new migration."""
-    command.revision(alembic_config(), message=message, autogenerate=autogenerate)
+    with one_line_database_errors():
+        command.revision(alembic_config(), message=message, autogenerate=autogenerate)
 
 
 TITLE_VERBS = ("Buy", "Call", "Email", "Review", "Fix", "Plan", "Write", "Clean", "Book", "Pay", "Prepare", "Read")

@@ -8,7 +8,11 @@ DATABASE_URL             postgres://, postgresql:// or postgresql+psycopg2:// UR
                          start-up. Required in production. Default elsewhere: the embedded PostgreSQL that
                          `make run` keeps under instance/ (todo_api/embedded_postgres.py), on EMBEDDED_POSTGRES_PORT.
 EMBEDDED_POSTGRES_PORT   Loopback port of that embedded server (default 54320).
-MIGRATIONS_DATABASE_URL  URL used by `flask db ...` instead of DATABASE_URL (Neon's direct, non-pooler endpoint).
+MIGRATIONS_DATABASE_URL  URL used by `flask db ...` and RUN_MIGRATIONS=1 instead of DATABASE_URL: Neon's direct
+                         endpoint. Migrations need a session, not a transaction pooler, so a Neon pooled host
+                         (`ep-...-pooler.`) here stops start-up. Unset: DATABASE_URL, and when that is Neon's pooled
+                         endpoint, its direct twin (the same host without `-pooler`), which the migration commands
+                         announce.
 BETTER_AUTH_SECRET       HS256 secret shared with Better Auth; at least 32 characters outside development/test.
                          In development a random one is generated once and kept in the instance folder.
 BETTER_AUTH_URL          Origin of the Better Auth server; enables JWKS (EdDSA/ES/RS/PS) verification.
@@ -93,6 +97,38 @@ def normalize_database_url(url: str, name: str = "DATABASE_URL") -> str:
     if parts.scheme not in POSTGRES_SCHEMES:
         raise ConfigError(f"{name} must be a PostgreSQL URL (postgresql://...), got scheme {parts.scheme!r}")
     return urlunsplit(parts._replace(scheme="postgresql+psycopg2"))
+
+
+POOLER_SUFFIX = "-pooler"  # Neon's pooled hosts: ep-x-123-pooler.region.aws.neon.tech; direct: ep-x-123.region...
+
+
+def _neon_direct_host(host: str) -> str | None:
+    """The direct twin of a Neon pooled host (or host:port), or None when `host` is not a pooled one."""
+    label, dot, rest = host.partition(".")
+    if not label.lower().endswith(POOLER_SUFFIX):
+        return None
+    return f"{label[: -len(POOLER_SUFFIX)]}{dot}{rest}"
+
+
+def migrations_database_url(explicit: str | None, database_url: str) -> tuple[str, str | None]:
+    """The URL migrations run on, and a note for the migration commands to say when it was derived, not given.
+
+    Neon's pooled endpoint is PgBouncer in transaction mode: a migration's session state, its advisory lock and
+    anything another client left on the shared server connection would cross. An explicit pooled URL stops
+    start-up; DATABASE_URL's pooled host is swapped for its direct twin, which takes the same credentials.
+    """
+    url = normalize_database_url(explicit or database_url, "MIGRATIONS_DATABASE_URL" if explicit else "DATABASE_URL")
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    direct = _neon_direct_host(host)
+    if direct is None:
+        return url, None
+    if explicit:
+        raise ConfigError(f"MIGRATIONS_DATABASE_URL is Neon's pooled endpoint ({host}); migrations need a session: "
+                          f"use its direct endpoint, {direct}")
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{direct}")), (
+        f"migrations run on Neon's direct endpoint {direct}, derived from DATABASE_URL's pooled {host} "
+        "(MIGRATIONS_DATABASE_URL chooses another)")
 
 
 def embedded_postgres_url(port: int, database: str = EMBEDDED_POSTGRES_DATABASE) -> str:
@@ -200,12 +236,13 @@ def load_config(env: dict[str, str] | None = None) -> dict[str, Any]:
     if strategy not in STRATEGIES:
         raise ConfigError(f"RATELIMIT_STRATEGY must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
 
+    migrations_url, migrations_note = migrations_database_url(env.get("MIGRATIONS_DATABASE_URL"), database_url)
+
     return {
         "APP_ENV": app_env,
         "DATABASE_URL": normalize_database_url(database_url),
-        "MIGRATIONS_DATABASE_URL": normalize_database_url(
-            env.get("MIGRATIONS_DATABASE_URL") or database_url, "MIGRATIONS_DATABASE_URL"
-        ),
+        "MIGRATIONS_DATABASE_URL": migrations_url,
+        "MIGRATIONS_DATABASE_URL_NOTE": migrations_note,  # said by the migration commands when set
         "EMBEDDED_POSTGRES_PORT": embedded_port,
         "BETTER_AUTH_SECRET": secret,
         "BETTER_AUTH_URL": better_auth_url,
