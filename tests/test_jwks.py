@@ -13,14 +13,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ed448, rsa
 from flask import Flask
 from jwt.algorithms import OKPAlgorithm, get_default_algorithms
 from sqlalchemy import create_engine, text
@@ -31,6 +29,7 @@ from todo_api.config import ConfigError, load_config
 from todo_api.jwks import USER_AGENT, JWKSCache, JWKSStore, JWKSUnavailable, key_algorithms, parse_jwks
 
 from .helpers import SECRET, UNREACHABLE_DATABASE_URL, b64url, bearer, hs256, make_config, make_token, segment
+from .jwks_server import JWKSServer, Key, Tokens, new_key
 
 INVALID = {"detail": "Invalid authentication token"}
 EXPIRED = {"detail": "Authentication token expired"}
@@ -39,30 +38,6 @@ ALGORITHMS = ["EdDSA", "ES256", "ES512", "RS256", "PS256"]
 
 
 # --- keys, tokens, a JWKS endpoint, a clock ---------------------------------------------------------------------
-
-
-@dataclass
-class Key:
-    alg: str
-    kid: str
-    private: Any
-    jwk: dict[str, Any]  # the public key as Better Auth publishes it: kid, alg, kty (+crv), no `use`
-
-
-def new_private_key(alg: str) -> Any:
-    if alg == "EdDSA":
-        return ed25519.Ed25519PrivateKey.generate()
-    if alg in ("ES256", "ES384", "ES512"):
-        curve = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1, "ES512": ec.SECP521R1}[alg]()
-        return ec.generate_private_key(curve)
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def new_key(alg: str, kid: str | None = None) -> Key:
-    private = new_private_key(alg)
-    jwk = json.loads(get_default_algorithms()[alg].to_jwk(private.public_key()))
-    kid = kid or f"{alg.lower()}-{uuid.uuid4().hex[:8]}"
-    return Key(alg, kid, private, {**jwk, "kid": kid, "alg": alg})
 
 
 @pytest.fixture(scope="module")
@@ -74,101 +49,6 @@ def keys() -> dict[str, Key]:
 def hmac_token(claims: dict[str, Any], secret: bytes, kid: str) -> str:
     """HS256 by hand: PyJWT rightly refuses to HMAC with a PEM public key."""
     return hs256({"alg": "HS256", "typ": "JWT", "kid": kid}, claims, secret)
-
-
-class Tokens:
-    """Better Auth-like tokens: iss = aud = the origin, 15 minutes, a unique jti so no two are equal."""
-
-    def __init__(self, origin: str, keys: dict[str, Key]) -> None:
-        self.origin, self.keys = origin, keys
-
-    def claims(self, sub: Any = "alice", **overrides: Any) -> dict[str, Any]:
-        now = int(time.time())
-        claims = {"sub": sub, "iat": now, "exp": now + 900, "iss": self.origin, "aud": self.origin,
-                  "jti": uuid.uuid4().hex, "email": f"{sub}@example.com", "name": str(sub).title()}
-        claims.update(overrides)
-        return {name: value for name, value in claims.items() if value is not None}
-
-    def sign(self, alg: str = "EdDSA", sub: Any = "alice", *, key: Key | None = None, kid: str | None = "",
-             **claims: Any) -> str:
-        key = key or self.keys[alg]
-        headers = {"kid": key.kid if kid == "" else kid}
-        return jwt.encode(self.claims(sub, **claims), key.private, algorithm=alg,
-                          headers={name: value for name, value in headers.items() if value is not None})
-
-
-class JWKSServer:
-    """A JWKS endpoint on 127.0.0.1 that counts its fetches and can fail on demand.
-
-    mode: "ok"; "error" (HTTP 503); "garbage" (200, not JSON); "hang" (no answer until teardown);
-    "trickle" (200, the body one byte every `trickle_delay` seconds).
-    stop()/start() close and reopen the port, for connection refused.
-    """
-
-    def __init__(self, jwks: list[dict[str, Any]]) -> None:
-        self.keys = list(jwks)
-        self.mode = "ok"
-        self.trickle_delay = 0.1
-        self.requests: list[tuple[str, str | None]] = []  # (path, User-Agent)
-        self.unblock = threading.Event()
-        self.port = 0
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self.start()
-
-    @property
-    def origin(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def fetches(self) -> int:
-        return len(self.requests)
-
-    def start(self) -> None:
-        endpoint = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                endpoint.requests.append((self.path, self.headers.get("User-Agent")))
-                if endpoint.mode == "hang":
-                    endpoint.unblock.wait(10)
-                status, body = {
-                    "error": (503, b'{"error": "down"}'),
-                    "garbage": (200, b"<html>maintenance</html>"),
-                }.get(endpoint.mode, (200, json.dumps({"keys": endpoint.keys}).encode()))
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    if endpoint.mode == "trickle":
-                        for byte in body:
-                            if endpoint.unblock.wait(endpoint.trickle_delay):
-                                return
-                            self.wfile.write(bytes([byte]))
-                            self.wfile.flush()
-                    else:
-                        self.wfile.write(body)
-                except OSError:  # the client gave up (timeout test)
-                    pass
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self.unblock.set()
-            self._server.shutdown()
-            self._server.server_close()
-            assert self._thread is not None
-            self._thread.join(5)
-            self._server = None
 
 
 class Clock:
@@ -980,6 +860,18 @@ def test_jwks_url_defaults_to_better_auth_url_and_can_be_overridden(tmp_path):
     config = load_config({"BETTER_AUTH_URL": "https://app.example.com",
                                     "BETTER_AUTH_JWKS_URL": "https://cdn.example.com/jwks.json"})
     assert Authenticator(config).jwks.url == "https://cdn.example.com/jwks.json"
+
+
+def test_jwks_max_age_is_five_minutes_or_less_as_configured(tmp_path):
+    origin = {"BETTER_AUTH_URL": "https://app.example.com"}
+    assert Authenticator(load_config(origin)).jwks.max_age == 300
+    assert Authenticator(load_config({**origin, "JWKS_MAX_AGE": "45"})).jwks.max_age == 45
+
+
+@pytest.mark.parametrize(("value", "message"), [("29", "at least 30"), ("301", "at most 300"), ("5m", "an integer")])
+def test_jwks_max_age_outside_30_to_300_seconds_stops_start_up(tmp_path, value, message):
+    with pytest.raises(ConfigError, match=f"^JWKS_MAX_AGE must be {message}"):
+        load_config({"JWKS_MAX_AGE": value})
 
 
 # --- verified-token cache -----------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from flask.views import MethodView
 from flask_smorest import Blueprint, abort
 from sqlalchemy import Engine
 
-from .jwks import SUPPORTED_ALGORITHMS, JWKSCache, JWKSStore, JWKSUnavailable
+from .jwks import MAX_AGE, SUPPORTED_ALGORITHMS, JWKSCache, JWKSStore, JWKSUnavailable
 from .models import Task
 from .schemas import MeSchema
 
@@ -160,7 +160,8 @@ class Authenticator:
         self.jwks: JWKSCache | None = None
         if origin:  # lazy: nothing is fetched before the first token needs a key
             self.jwks = JWKSCache(config.get("BETTER_AUTH_JWKS_URL") or f"{origin}/api/auth/jwks",
-                                  store=JWKSStore(engine) if engine is not None else None)
+                                  store=JWKSStore(engine) if engine is not None else None,
+                                  max_age=config.get("JWKS_MAX_AGE", MAX_AGE))
         self.tokens = TokenCache()
 
     def decode(self, token: str) -> dict[str, Any]:

@@ -20,6 +20,10 @@ BETTER_AUTH_JWKS_URL     JWKS location; default BETTER_AUTH_URL + /api/auth/jwks
 JWT_ISSUER               Comma list of accepted `iss`; checked only when set (JWKS default: BETTER_AUTH_URL origin).
 JWT_AUDIENCE             Comma list of accepted `aud`; checked only when set (JWKS default: BETTER_AUTH_URL origin).
 JWT_LEEWAY               Seconds of clock skew allowed for exp/nbf/iat (default 30).
+JWKS_MAX_AGE             Seconds a check of the JWKS is trusted, 30 to 300 (default 300, the contract's bound): a key
+                         removed from the JWKS stops verifying tokens within it on every worker and instance, cached
+                         tokens included. Not below 30: an unknown kid may trigger a fetch only once per 30 s, and
+                         re-checks keep to the same pace.
 FRONTEND_URL             Comma list of origins allowed by CORS (default http://localhost:3000).
 DB_POOL_SIZE             Connections kept per worker process (default 5).
 DB_MAX_OVERFLOW          Extra connections under burst (default 5).
@@ -75,6 +79,8 @@ EMBEDDED_POSTGRES_PORT = 54320
 EMBEDDED_POSTGRES_DATABASE = "todo"
 MAX_BODY_BYTES = 64 * 1024
 TASK_QUOTA = 50_000
+JWKS_MAX_AGE = 300  # seconds, and the most it may be set to (contract: a removed key stops within 5 minutes)
+JWKS_REFRESH_INTERVAL = 30  # at most one JWKS fetch per this for unknown kids (contract); JWKS_MAX_AGE's floor
 # The storages whose client is pinned in requirements.txt (redis); limits knows more (memcached, mongodb...).
 REDIS_SCHEMES = ("redis", "rediss", "redis+unix", "redis+sentinel", "redis+cluster")
 # A Redis that stops answering must not hold requests: after this many seconds the limiter falls back to memory.
@@ -167,6 +173,13 @@ def _at_least(env: dict[str, str], name: str, default: int, minimum: int) -> int
     return value
 
 
+def _between(env: dict[str, str], name: str, default: int, minimum: int, maximum: int) -> int:
+    value = _at_least(env, name, default, minimum)
+    if value > maximum:
+        raise ConfigError(f"{name} must be at most {maximum}, got {value}")
+    return value
+
+
 def _rate_limit(env: dict[str, str], name: str, default: str) -> str:
     """A rate limit string ("1200 per minute", "10/second; 500/hour"), checked now rather than on a request."""
     value = (env.get(name) or default).strip()
@@ -252,6 +265,7 @@ def load_config(env: dict[str, str] | None = None) -> dict[str, Any]:
         "JWT_ISSUER": _split_list(env.get("JWT_ISSUER")),
         "JWT_AUDIENCE": _split_list(env.get("JWT_AUDIENCE")),
         "JWT_LEEWAY": _int(env, "JWT_LEEWAY", 30),
+        "JWKS_MAX_AGE": _between(env, "JWKS_MAX_AGE", JWKS_MAX_AGE, JWKS_REFRESH_INTERVAL, JWKS_MAX_AGE),
         "FRONTEND_URL": _split_list(env.get("FRONTEND_URL", "http://localhost:3000")),
         "DB_POOL_SIZE": _int(env, "DB_POOL_SIZE", 5),
         "DB_MAX_OVERFLOW": _int(env, "DB_MAX_OVERFLOW", 5),

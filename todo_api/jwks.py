@@ -35,13 +35,14 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import SQLAlchemyError
 
+from .config import JWKS_MAX_AGE, JWKS_REFRESH_INTERVAL
 from .models import JWKSDocument
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = f"todo-api/1.0 (JWKS client; PyJWT/{jwt.__version__})"
-REFRESH_INTERVAL = 30.0  # at most one fetch per this many seconds for unknown kids, whatever tokens arrive (contract)
-MAX_AGE = 300.0  # a key check is trusted this long: a key removed from the JWKS stops working within it (contract)
+REFRESH_INTERVAL = float(JWKS_REFRESH_INTERVAL)  # one fetch per this for unknown kids, whatever tokens arrive
+MAX_AGE = float(JWKS_MAX_AGE)  # a key check is trusted this long: a removed key stops working within it
 FETCH_TIMEOUT = 3.0  # total deadline of one fetch (connect, headers, body); also the longest a request waits for one
 # A worker has few threads (gunicorn: 4): if all of them waited the whole deadline for a slow fetch, HS256 and
 # cached-key requests would queue behind them. So only this many requests per worker wait the whole deadline;
