@@ -423,6 +423,21 @@ def test_a_key_published_after_the_last_fetch_is_never_401(client, tokens, serve
     assert server.fetches == 2
 
 
+def test_a_removed_keys_older_token_is_401_at_once_while_a_fetch_is_held_back(client, tokens, server, clock):
+    """A token issued before our last fetch (beyond the leeway) had its key published before that fetch, which
+    did not find it: the key is gone, so 401 now rather than 503 until the refresh limit allows a fetch."""
+    removed, kept = tokens.keys["EdDSA"], tokens.keys["ES256"]
+    server.keys = [removed.jwk, kept.jwk]
+    assert me(client, tokens.sign(key=removed)).status_code == 200  # fetch 1
+    server.keys = [kept.jwk]
+    clock.advance(31)
+    assert_invalid(me(client, tokens.sign(key=new_key("EdDSA"))))  # an unknown kid: fetch 2, without `removed`
+    clock.advance(1)
+    assert_invalid(me(client, tokens.sign(key=removed, iat=int(time.time()) - 120)))
+    assert_unavailable(me(client, tokens.sign(key=removed)), "29")  # issued just now: it may be a new key's
+    assert server.fetches == 2
+
+
 def test_a_routine_refresh_just_before_a_rotation_does_not_delay_the_new_key(client, tokens, server, clock):
     old = tokens.keys["EdDSA"]
     assert me(client, tokens.sign(key=old)).status_code == 200
@@ -433,6 +448,25 @@ def test_a_routine_refresh_just_before_a_rotation_does_not_delay_the_new_key(cli
     clock.advance(1)
     assert me(client, tokens.sign(key=new)).status_code == 200
     assert server.fetches == 3
+
+
+def test_a_removed_kid_arriving_during_a_routine_recheck_is_401_not_503(client, tokens, server, clock):
+    """The re-check in flight began before the request arrived, so it cannot tell whether the kid was published
+    since: the unknown-kid fetch, which is due, tells (401) rather than a 503 the client would retry."""
+    old, kept = tokens.keys["EdDSA"], tokens.keys["ES256"]
+    assert me(client, tokens.sign(key=old)).status_code == 200  # fetch 1, for an unknown kid
+    server.keys = [kept.jwk]
+    clock.advance(270)
+    assert me(client, tokens.sign("ES256", key=kept)).status_code == 200  # routine re-check 2 drops `old`
+    settled(client)
+    clock.advance(270)
+    server.mode, server.trickle_delay = "trickle", 0.005  # re-check 3 takes about a second
+    assert me(client, tokens.sign("ES256", key=kept)).status_code == 200  # starts re-check 3, does not wait
+    clock.advance(1)
+    assert_invalid(me(client, tokens.sign(key=old)))  # waited for re-check 3, then fetch 4
+    assert server.fetches == 4
+    assert_invalid(me(client, tokens.sign(key=old)))  # fetch 4 began after this arrived: no fetch
+    assert server.fetches == 4
 
 
 def test_keys_are_refetched_in_the_background_before_they_are_5_minutes_old(client, tokens, server, clock):

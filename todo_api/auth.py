@@ -188,7 +188,12 @@ class Authenticator:
         # a re-check that lands in between (another thread's) may have dropped the key we hold, so the older check
         # bounds the entry, unless there was none still valid before (then the lookup made the check).
         trusted_before = self.jwks.trusted_for()
-        key = self.jwks.get(kid)
+        try:
+            key = self.jwks.get(kid)
+        except JWKSUnavailable:
+            if self._issued_before_last_check(token):  # its key existed then, and that check did not find it
+                raise TokenError(INVALID_TOKEN) from None
+            raise
         if key is None:
             raise TokenError(INVALID_TOKEN)
         ttl = self.jwks.trusted_for() if trusted_before == 0 else min(trusted_before, self.jwks.trusted_for())
@@ -196,6 +201,21 @@ class Authenticator:
         # key fail. The raw key, not the PyJWK, so that an Ed25519 key verifies both "EdDSA" and "Ed25519".
         claims = verify(token, key.key, key.algorithms, self.jwks_issuers, self.jwks_audiences, self.leeway)
         return claims, ttl
+
+    def _issued_before_last_check(self, token: str) -> bool:
+        """Whether the (unverified) token was issued, allowing for clock skew, before the JWKS check we hold began.
+
+        A kid missing from the JWKS is a 503 while the next fetch is held back, since its key may have been
+        published after our last one (contract). Not for a token older than that fetch: its key was published
+        before it, so the fetch would have seen it, and a removed key's tokens get 401 at once, not 503s
+        until the refresh limit lets a fetch through. A forged iat changes only which error its sender gets.
+        """
+        assert self.jwks is not None
+        try:
+            issued_at = jwt.decode(token, options={"verify_signature": False}).get("iat")
+        except jwt.PyJWTError:
+            return False
+        return is_numeric_date(issued_at) and self.jwks.checked_after(float(issued_at) + self.leeway)
 
 
 def decode_token(token: str) -> dict[str, Any]:

@@ -296,6 +296,7 @@ class JWKSCache:
         # Replaced as a whole, never mutated, so readers need no lock.
         self._keys: dict[str, PublishedKey] = {}
         self._checked_at: float | None = None  # when the keys we hold were fetched (by anyone) from the auth server
+        self._checked_unix: float | None = None  # the same moment as a Unix time, to compare with a token's iat
         self._attempted_at: float | None = None  # this worker's last fetch, successful or not
         self._unknown_kid_fetch_at: float | None = None  # this worker's last fetch caused by an unknown kid
         self._available = True  # whether this worker's last fetch succeeded
@@ -328,17 +329,23 @@ class JWKSCache:
             return key
         if self._checked_since(arrived):
             return None
-        with self._lock:
-            due = self._running is None and self._due(self._unknown_kid_fetch_at)
-            if due:
-                self._unknown_kid_fetch_at = self.clock()
-        # Not due: published after our last fetch, perhaps, so not a 401 (contract); a fetch in flight is awaited.
-        self._wait(self._start() if due else self._running)
-        key = self._keys.get(kid)
-        if key is not None:
-            return key
-        if self._checked_since(arrived):
-            return None  # a fetch that began after this request arrived has no such kid
+        # Twice at most: a fetch in flight (a routine re-check, say) may have begun before this request arrived,
+        # so its answer cannot tell; then a fetch of our own, if that one worked and the unknown-kid limit allows.
+        for _ in range(2):
+            with self._lock:
+                running = self._running
+                due = running is None and self._due(self._unknown_kid_fetch_at)
+                if due:
+                    self._unknown_kid_fetch_at = self.clock()
+            self._wait(self._start() if due else running)
+            key = self._keys.get(kid)
+            if key is not None:
+                return key
+            if self._checked_since(arrived):
+                return None  # a fetch that began after this request arrived has no such kid
+            if running is None or not self._available:
+                break
+        # Published after our last fetch, perhaps, and the next one is held back: so not a 401 (contract).
         raise JWKSUnavailable(self.retry_after())
 
     def retry_after(self) -> int:
@@ -350,6 +357,11 @@ class JWKSCache:
     def age(self) -> float:
         """Seconds since the keys we hold were checked against the auth server (inf: never)."""
         return math.inf if self._checked_at is None else self.clock() - self._checked_at
+
+    def checked_after(self, unix_time: float) -> bool:
+        """Whether the keys we hold come from a fetch that began after `unix_time`: a kid they lack, on a token
+        issued before then, was not published too late for that fetch; it is not in the JWKS."""
+        return self._checked_unix is not None and self._checked_unix > unix_time
 
     def trusted_for(self) -> float:
         """Seconds the current key check remains valid: how long a token verified now may be cached."""
@@ -436,7 +448,8 @@ class JWKSCache:
             self._available = False
             log.warning("JWKS fetch from %s failed (%s); keeping %d cached key(s)", self.url, error, len(self._keys))
             return None
-        self._keys, self._checked_at, self._available = keys, started, True
+        self._hold(keys, started)
+        self._available = True
         log.info("JWKS fetched from %s: %d key(s)", self.url, len(keys))
         return document
 
@@ -446,9 +459,13 @@ class JWKSCache:
         except ValueError as error:
             log.warning("shared JWKS for %s ignored: %s", self.url, error)
             return
-        self._keys, self._checked_at = keys, checked_at
+        self._hold(keys, checked_at)
         log.info("JWKS for %s read from the database: %d key(s), %.0f s old", self.url, len(keys),
                  self.clock() - checked_at)
+
+    def _hold(self, keys: dict[str, PublishedKey], checked_at: float) -> None:
+        self._keys, self._checked_at = keys, checked_at
+        self._checked_unix = time.time() - (self.clock() - checked_at)
 
     def _refuse(self, kid: str, reason: str) -> None:
         """Log a refused key once per worker, not once per fetch."""
