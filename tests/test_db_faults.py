@@ -222,10 +222,12 @@ def test_once_the_database_is_known_unreachable_requests_fail_fast_and_service_r
         proxy.set_mode(FORWARD)
         back = time.monotonic()
         recovered = wait_for(lambda: requests["get"]()[0] == 200, FAIL_FAST + SLACK, "a 200 after the outage")
-        for name, request in requests.items():
+        # That was one worker's probe; each worker probes on its own, so only past the bound is every one back.
+        time.sleep(max(0.0, back + FAIL_FAST + SLACK - time.monotonic()))
+        for name, request in [*requests.items()] * 3:
             status, _, body = request()
             assert status in (200, 201), (name, status, body)
-        print(f"back: first 200 after {recovered:.3f} s, every kind served {time.monotonic() - back:.3f} s after")
+        print(f"back: first 200 after {recovered:.3f} s; all served {FAIL_FAST + SLACK:.1f} s after, on every worker")
 
 
 @pytest.fixture(scope="module")
