@@ -467,8 +467,10 @@ def test_a_connection_lost_after_a_reads_last_statement_neither_fails_it_nor_lea
 
     @app.teardown_appcontext  # runs before the session's own teardown, which was registered first
     def terminate_the_requests_connection(_exc: BaseException | None) -> None:
-        if lose_connection.is_set() and "db_session" in g:
-            pid = g.db_session.connection().connection.dbapi_connection.get_backend_pid()
+        if lose_connection.is_set() and ("db_session" in g or "db_hot" in g):
+            # The page of tasks is read on the hot path's connection (db.HotConnection), other reads by a session.
+            pooled = g.db_hot.connection if "db_hot" in g else g.db_session.connection().connection
+            pid = pooled.dbapi_connection.get_backend_pid()
             terminate(admin, [pid])
             with admin.connect() as connection:
                 wait_for(lambda: not connection.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"),

@@ -49,6 +49,12 @@ class OrjsonProvider(JSONProvider):
         return self._app.response_class(to_json(obj), mimetype="application/json")
 
 
+def json_response(obj: Any, status: int = 200) -> Response:
+    """A JSON response serialised once, by orjson, for views that return a Response (flask-smorest's @blp.response
+    passes it through instead of dumping and jsonify-ing the result again)."""
+    return Response(to_json(obj), status=status, content_type="application/json")
+
+
 def add_api_cache_headers(response: Response) -> Response:
     if request.path.startswith("/api/"):
         response.headers["Cache-Control"] = "private, no-cache"
