@@ -37,7 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 USERS = ("bench-inprocess-1", "bench-inprocess-2")
 PER_USER = 10_000
-BLOCK = 200
+BLOCK = 100
 BLOCKS = 15  # per scenario and process
 ROUNDS = 4  # processes per tree with --compare
 TOGGLED_TASKS = 50

@@ -4,6 +4,7 @@ autocommit; a database error there is a 503 as anywhere else."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,8 @@ from sqlalchemy.exc import OperationalError
 from todo_api import repositories
 from todo_api.db import get_hot_connection, get_session
 from todo_api.errors import handle_database_error
+from todo_api.schemas import task_to_dict
+from todo_api.web import to_json
 
 from .helpers import assert_error, make_config
 
@@ -50,7 +53,9 @@ def test_fetch_newest_page_is_list_tasks_without_filters(app, tasks, page, page_
         hot_rows, hot_total = repositories.fetch_newest_page(get_hot_connection(read_only=True), USER, page=page,
                                                              page_size=page_size)
         rows, total = repositories.list_tasks(get_session(), USER, {}, page=page, page_size=page_size)
-    assert (hot_rows, hot_total) == ([tuple(row) for row in rows], total)
+    assert hot_total == total
+    assert [(uuid.UUID(row[0]), *row[1:]) for row in hot_rows] == [tuple(row) for row in rows]
+    assert [to_json(task_to_dict(row)) for row in hot_rows] == [to_json(task_to_dict(row)) for row in rows]
 
 
 def test_fetch_newest_page_of_a_user_without_tasks_is_empty(app):
@@ -182,3 +187,18 @@ def test_the_hot_path_answers_503_while_the_database_is_known_unreachable(databa
     finally:
         app.extensions["db"].outage.unreachable_since = None
         app.extensions["db"].engine.dispose()
+
+
+def test_a_query_string_parsed_before_gives_the_same_answer_and_errors_are_never_remembered(client, auth, tasks):
+    """The list's query strings are parsed once per parser (parser.JSONParser.parse): the same answers, each
+    request with its own pagination (X-Pagination from its own total), and a bad query string is 422 each time."""
+    first = client.get(f"/api/{USER}/tasks?page_size=3&page=2", headers=auth())
+    again = client.get(f"/api/{USER}/tasks?page_size=3&page=2", headers=auth())
+    assert first.data == again.data and first.headers["X-Pagination"] == again.headers["X-Pagination"]
+    assert json.loads(first.headers["X-Pagination"])["total"] == 7
+    other_user = client.get("/api/bob/tasks?page_size=3&page=2", headers=auth("bob"))  # same query, other total
+    assert other_user.json == [] and json.loads(other_user.headers["X-Pagination"])["total"] == 1
+    for _ in range(2):
+        assert_error(client.get(f"/api/{USER}/tasks?page_size=0", headers=auth()), 422, "page_size")
+        assert_error(client.get(f"/api/{USER}/tasks?sort=nope", headers=auth()), 422, "sort")
+    assert client.get(f"/api/{USER}/tasks?page_size=3&page=3", headers=auth()).json == [tasks[0]]

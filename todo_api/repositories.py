@@ -326,9 +326,14 @@ class Executor(Protocol):
 
 TASK_SELECT_LIST = ", ".join(column.key for column in TASK_COLUMNS)
 FETCH_TASK_SQL = f"SELECT {TASK_SELECT_LIST} FROM tasks WHERE id = %(task_id)s AND user_id = %(user_id)s"
+# The page's ids as text: orjson writes the string as it would the UUID (PostgreSQL's text form is the canonical
+# one, as str(uuid)), and psycopg2's uuid.UUID for each of 50 rows was ~12% of the page's CPU.
+PAGE_SELECT_LIST = TASK_SELECT_LIST.replace("id, ", "id::text AS text_id, ", 1)
 FETCH_NEWEST_PAGE_SQL = (
-    f"SELECT {TASK_SELECT_LIST}, (SELECT total FROM task_counts WHERE user_id = %(user_id)s) FROM tasks "
-    "WHERE user_id = %(user_id)s ORDER BY created_at DESC, id DESC LIMIT %(page_size)s OFFSET %(offset)s"
+    f"SELECT {PAGE_SELECT_LIST}, (SELECT total FROM task_counts WHERE user_id = %(user_id)s) FROM tasks "
+    # Qualified: the index's own columns (ix_tasks_user_created), never an output column of the same name.
+    "WHERE tasks.user_id = %(user_id)s ORDER BY tasks.created_at DESC, tasks.id DESC "
+    "LIMIT %(page_size)s OFFSET %(offset)s"
 )
 TOGGLE_TASK_SQL = (
     "UPDATE tasks SET status = CASE WHEN status = 'completed' THEN 'pending' ELSE 'completed' END, "
@@ -359,7 +364,7 @@ def fetch_task(connection: Executor, user_id: str, task_id: uuid.UUID) -> tuple[
 
 def fetch_newest_page(connection: Executor, user_id: str, *, page: int, page_size: int) -> tuple[list[Any], int]:
     """list_tasks without filters, newest first (its default order), on a DBAPI connection: the page's rows and
-    the user's total. The same totals rule as list_tasks."""
+    the user's total. The same totals rule as list_tasks. The rows' ids are strings (the same JSON)."""
     offset = (page - 1) * page_size
     if offset >= MAX_OFFSET:
         return [], _user_total(connection, user_id)
