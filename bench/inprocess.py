@@ -3,7 +3,7 @@ the toggle, and a bare Flask "hello" for reference (bench/hello.py, the wrk ceil
 
     TEST_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/test_fast .venv/bin/python -m bench.inprocess
     ... -m bench.inprocess --compare main      # this tree against a git revision, in alternating processes
-    ... -m bench.inprocess --profile get_one   # cProfile of one scenario, by cumulative and by own time
+    ... -m bench.inprocess --profile get_one   # cProfile (CPU clock) of one scenario, by cumulative and own time
 
 BENCH_DATABASE_URL (default: TEST_DATABASE_URL with "_inprocess" appended to its name) is created if missing,
 migrated and seeded once with 2 users x 10,000 tasks (todo_api.cli's seed rows), kept between runs; the toggles

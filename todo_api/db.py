@@ -158,7 +158,9 @@ class HotConnection:
     more than the same statement on the pooled DBAPI connection. What the Session path gives is kept: the outage
     breaker admits the request first; psycopg2's errors become SQLAlchemy's (DBAPIError.instance, as Core wraps
     them), so errors.py answers 503 and the breaker notices an unreachable server; a dropped connection is
-    invalidated. The statement timeout is the connection class's own (deadlines.py), so it holds here too.
+    invalidated. The statement timeout is the connection class's own (deadlines.py), so it holds here too. Unlike
+    Core, a disconnect does not invalidate the rest of the pool (that is not public API): the checkout hook
+    (discard_if_closed_by_server) discards each connection the server closed as it comes out.
 
     Reads run in autocommit, as the read sessions do. A write runs in a transaction that only the view commits;
     close() rolls back what was not committed and gives the connection back.
