@@ -8,6 +8,7 @@ each other.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -20,8 +21,10 @@ from typing import Any
 
 import jwt
 from flask import Flask
+from sqlalchemy import Connection
 from sqlalchemy.orm import sessionmaker
 
+from todo_api.db import HotConnection
 from todo_api.embedded_postgres import port_open
 
 SECRET = "test-secret-that-is-long-enough-for-hs256-and-hs512-0123456789abcdef"
@@ -70,34 +73,58 @@ def assert_error(response: Any, status: int, expected: dict[str, Any] | str) -> 
     assert b"Traceback" not in response.data
 
 
+class JoinedHotConnection(HotConnection):
+    """The hot path's connection in a test: the outer connection, each request in a savepoint of its own, as the
+    sessions (join_transaction_mode="create_savepoint")."""
+
+    def __init__(self, db: Any, read_only: bool, connection: Connection) -> None:
+        super().__init__(db, read_only)
+        self.connection = connection
+        self.savepoint = connection.begin_nested()
+
+    def execute(self, statement: str, parameters: dict[str, Any]) -> Any:
+        cursor = self.connection.connection.cursor()
+        cursor.execute(statement, parameters)
+        return cursor
+
+    def commit(self) -> None:
+        self.savepoint.commit()
+
+    def close(self) -> None:
+        if self.savepoint.is_active:
+            self.savepoint.rollback()
+
+
 @contextmanager
 def rolled_back(app: Flask) -> Iterator[Flask]:
-    """Every request session, read or write, joins one outer transaction that is rolled back at the end."""
+    """Every request's database work, sessions and hot path, read or write, joins one outer transaction that is
+    rolled back at the end."""
     db = app.extensions["db"]
-    original = db.sessionmaker, db.read_sessionmaker
+    original = db.sessionmaker, db.read_sessionmaker, db.hot_connection_factory
     with db.engine.connect() as connection:
         transaction = connection.begin()
         db.sessionmaker = sessionmaker(
             bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
         )
         db.read_sessionmaker = None
+        db.hot_connection_factory = functools.partial(JoinedHotConnection, connection=connection)
         try:
             yield app
         finally:
-            db.sessionmaker, db.read_sessionmaker = original
+            db.sessionmaker, db.read_sessionmaker, db.hot_connection_factory = original
             transaction.rollback()
 
 
 @contextmanager
 def no_database(app: Flask) -> Iterator[None]:
-    """Any attempt to open a session fails while this is active."""
+    """Any attempt to open a session or a hot-path connection fails while this is active."""
     db = app.extensions["db"]
-    original = db.sessionmaker, db.read_sessionmaker
-    db.sessionmaker = db.read_sessionmaker = None
+    original = db.sessionmaker, db.read_sessionmaker, db.hot_connection_factory
+    db.sessionmaker = db.read_sessionmaker = db.hot_connection_factory = None
     try:
         yield
     finally:
-        db.sessionmaker, db.read_sessionmaker = original
+        db.sessionmaker, db.read_sessionmaker, db.hot_connection_factory = original
 
 
 def b64url(data: bytes) -> str:

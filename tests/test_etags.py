@@ -4,12 +4,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
+import threading
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import create_engine, event
+
+from todo_api import repositories
+from todo_api.models import Task
 
 # (method, path suffix, body, success status) of every write on one task.
 WRITES = [
@@ -63,12 +66,15 @@ def test_get_returns_a_strong_etag_and_if_none_match_gives_304(client, auth, cre
     assert not_modified.headers["ETag"] == etag
 
 
-def test_etag_is_the_sha1_of_the_sorted_json_representation(client, auth, create_task):
-    """The value flask-smorest's @blp.etag gave, so the tags clients hold still match after the change."""
+def test_etag_is_the_task_id_and_its_updated_at_in_microseconds(client, auth, create_task):
+    """The rule since issue #15 (before: the SHA-1 of the task's sorted JSON, which dumped the task a second time):
+    id in hex, updated_at in microseconds since the epoch in hex, and the representation's version. Every write
+    moves updated_at strictly forward (tests below), so the tag still changes whenever the representation does."""
     task = create_task(title="Café ☕", tags=["b", "a"], due_date="2026-12-01T10:00:00Z")
     response = client.get(url(task), headers=auth())
-    sorted_json = json.dumps(response.json, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    assert response.headers["ETag"] == f'"{hashlib.sha1(sorted_json.encode()).hexdigest()}"'
+    updated_at = datetime.fromisoformat(response.json["updated_at"])
+    microseconds = (updated_at - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    assert response.headers["ETag"] == f'"{uuid.UUID(task["id"]).hex}-{microseconds:x}-1"'
 
 
 def test_etag_changes_whenever_the_task_changes(client, auth, create_task):
@@ -348,3 +354,76 @@ def test_updated_at_sort_follows_updates(client, auth, create_task):
     client.patch(url(first), json={"priority": "high"}, headers=auth())
     listed = client.get("/api/alice/tasks?sort=updated_at", headers=auth()).json
     assert listed[0]["id"] == first["id"]
+
+
+# --- updated_at, of which the ETag is made, moves strictly forward on every write --------------------------------
+
+
+@pytest.mark.parametrize(("method", "suffix", "body", "status"), WRITES_RETURNING_THE_TASK)
+def test_two_writes_within_one_clock_tick_still_change_the_etag(client, auth, create_task, monkeypatch, method,
+                                                                 suffix, body, status):
+    """A clock that does not move (two writes in one microsecond, or a clock stepped back): each write still gives
+    a new updated_at, one microsecond after the last, and so a new ETag."""
+    task = create_task()
+    frozen = datetime.fromisoformat(task["updated_at"]) - timedelta(seconds=5)  # the clock went back, too
+    monkeypatch.setattr(repositories, "utcnow", lambda: frozen)
+    first = write(client, auth, task, method, suffix, body)
+    second = write(client, auth, task, method, suffix, body)
+    assert first.status_code == second.status_code == status
+    stamps = [datetime.fromisoformat(task["updated_at"]), *(datetime.fromisoformat(response.json["updated_at"])
+                                                           for response in (first, second))]
+    assert stamps[0] < stamps[1] < stamps[2]
+    assert len({task_etag_of(response) for response in (first, second)}) == 2
+
+
+def task_etag_of(response) -> str:
+    return response.headers["ETag"]
+
+
+def test_toggles_serialised_on_the_row_lock_get_increasing_updated_at(database_url, monkeypatch):
+    """Two toggles of one task from two transactions: the second waits for the first's row lock, and although its
+    clock reads earlier than the first's (PostgreSQL's now() would even be its transaction's start), its updated_at
+    comes after the first's, as computed on the row version the first wrote."""
+    engine = create_engine(database_url)
+    user, task_id = f"lock-{uuid.uuid4().hex[:8]}", uuid.uuid4()
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    with engine.begin() as connection:
+        connection.execute(Task.__table__.insert(), {
+            "id": task_id, "user_id": user, "title": "t", "status": "pending", "priority": "low", "tags": [],
+            "created_at": start, "updated_at": start,
+        })
+    first_connection, second_connection = engine.raw_connection(), engine.raw_connection()
+    results: dict[str, tuple] = {}
+    try:
+        results["first"] = repositories.toggle_task(Cursor(first_connection), user, task_id,
+                                                    now=start + timedelta(seconds=10))
+        second = threading.Thread(target=lambda: results.setdefault("second", repositories.toggle_task(
+            Cursor(second_connection), user, task_id, now=start + timedelta(seconds=5))))
+        second.start()
+        second.join(0.3)
+        assert second.is_alive(), "the second toggle should wait for the first's row lock"
+        first_connection.commit()
+        second.join(5)
+        second_connection.commit()
+    finally:
+        first_connection.close()
+        second_connection.close()
+        with engine.begin() as connection:
+            connection.execute(Task.__table__.delete().where(Task.user_id == user))
+        engine.dispose()
+    first_updated, second_updated = results["first"][10], results["second"][10]
+    assert first_updated == start + timedelta(seconds=10)
+    assert second_updated == first_updated + timedelta(microseconds=1)
+    assert results["second"][4] == "pending"  # toggled back: it saw the first's write
+
+
+class Cursor:
+    """A raw DBAPI connection as repositories' hot functions take it."""
+
+    def __init__(self, connection) -> None:
+        self.connection = connection
+
+    def execute(self, statement, parameters):
+        cursor = self.connection.cursor()
+        cursor.execute(statement, parameters)
+        return cursor

@@ -131,6 +131,56 @@ def test_other_origins_get_no_cors_headers(client, auth):
     assert "Access-Control-Allow-Origin" not in preflight.headers
 
 
+@pytest.mark.parametrize("frontends", [[ORIGIN], [ORIGIN, "https://app.example.com"]], ids=["one", "two"])
+def test_cors_headers_only_for_requests_that_carry_an_origin_and_every_api_response_varies_on_it(frontends):
+    """flask-cors runs only for requests with an Origin (web.WithOrigin), which browsers send on every cross-origin
+    request; a request without one gets no Access-Control-* header. So an /api/ response depends on the Origin,
+    and each says so, once."""
+    app = create_app(make_config(UNREACHABLE_DATABASE_URL, FRONTEND_URL=frontends))
+    client = app.test_client()
+    plain = client.get("/api/alice/tasks")
+    assert plain.status_code == 401
+    assert not any(name.startswith("Access-Control-") for name in plain.headers.keys())
+    assert plain.headers.get_all("Vary") == ["Origin"]
+    for origin in (*frontends, "https://evil.example.com"):
+        response = client.get("/api/alice/tasks", headers={"Origin": origin})
+        assert response.headers.get("Access-Control-Allow-Origin") == (origin if origin in frontends else None)
+        assert response.headers.get_all("Vary") == ["Origin"], origin
+    assert "Vary" not in client.get("/health").headers  # not a CORS resource
+
+
+def test_errors_carry_cors_headers_for_an_allowed_origin(client):
+    """So the browser app can read a 401 or a 404 (flask-cors' after-request hook runs on error responses too)."""
+    for path in ("/api/alice/tasks", "/api/nowhere"):
+        response = client.get(path, headers={"Origin": ORIGIN})
+        assert response.status_code in (401, 404) and response.headers["Access-Control-Allow-Origin"] == ORIGIN
+
+
+def test_generated_request_ids_are_unique_and_drawn_again_in_a_forked_worker():
+    from todo_api.observability import RequestIds
+
+    ids = RequestIds()
+    drawn = {ids.next() for _ in range(1000)}
+    assert len(drawn) == 1000 and all(len(value) == 32 and int(value, 16) >= 0 for value in drawn)
+    prefix = ids.prefix
+    ids.reset()  # what os.register_at_fork runs in a gunicorn worker
+    assert ids.prefix != prefix
+
+
+def test_ensure_sync_remembers_sync_functions_and_still_refuses_coroutines(app):
+    def view() -> str:
+        return "ok"
+
+    async def coroutine_view() -> str:
+        return "ok"
+
+    assert app.ensure_sync(view) is view and view in app.known_sync
+    assert app.ensure_sync(view) is view
+    with pytest.raises(RuntimeError, match="async"):  # Flask's own answer without asgiref installed
+        app.ensure_sync(coroutine_view)
+    assert coroutine_view not in app.known_sync
+
+
 def test_request_id_is_echoed_or_generated(client, auth):
     assert client.get("/health", headers={"X-Request-ID": "abc-123"}).headers["X-Request-ID"] == "abc-123"
     generated = client.get("/health").headers["X-Request-ID"]

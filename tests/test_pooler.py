@@ -124,8 +124,12 @@ def test_the_apps_timeout_does_not_reach_a_foreign_client(pooled_app, pooled_url
         foreign.close()
 
 
+@pytest.mark.parametrize(("suffix", "body"), [
+    pytest.param("", {"title": "writer"}, id="update, through the session"),
+    pytest.param("/complete", None, id="toggle, on the hot path's DBAPI connection"),
+])
 def test_writes_blocked_on_a_locked_row_get_503_at_the_timeout_and_leave_no_backend_waiting(
-    pooled_app, direct_url
+    pooled_app, direct_url, suffix, body
 ):
     client, headers = pooled_app.test_client(), bearer(make_token("alice"))
     task = client.post("/api/alice/tasks", json={"title": "locked"}, headers=headers).json
@@ -136,13 +140,13 @@ def test_writes_blocked_on_a_locked_row_get_503_at_the_timeout_and_leave_no_back
         with holder.cursor() as cursor:
             cursor.execute("SELECT 1 FROM tasks WHERE id = %s FOR UPDATE", (task["id"],))
 
-        def patch(title: str) -> None:
+        def patch() -> None:
             started = time.monotonic()
-            response = pooled_app.test_client().patch(f"/api/alice/tasks/{task['id']}", json={"title": title},
+            response = pooled_app.test_client().patch(f"/api/alice/tasks/{task['id']}{suffix}", json=body,
                                                       headers=headers)
             answers.append((response.status_code, time.monotonic() - started))
 
-        writers = [threading.Thread(target=patch, args=(f"writer {n}",)) for n in range(3)]
+        writers = [threading.Thread(target=patch) for _ in range(3)]
         for writer in writers:
             writer.start()
         for writer in writers:
@@ -158,4 +162,4 @@ def test_writes_blocked_on_a_locked_row_get_503_at_the_timeout_and_leave_no_back
     assert max(seconds for _, seconds in answers) < TIMEOUT_MS / 1000 + 2, answers
     assert waiting == 0
     after = client.get(f"/api/alice/tasks/{task['id']}", headers=headers).json
-    assert after["title"] == "locked"
+    assert after["title"] == "locked" and after["status"] == "pending"

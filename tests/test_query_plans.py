@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import event, text
 
 from todo_api.db import get_session
-from todo_api.repositories import list_tasks
+from todo_api.repositories import FETCH_NEWEST_PAGE_SQL, list_tasks
 
 
 @pytest.fixture
@@ -62,3 +62,10 @@ def test_list_pages_read_in_index_order_without_sorting(seeded):
         assert index in plan, (params, plan)
         assert "Sort" not in plan and "Seq Scan" not in plan, (params, plan)
         assert "Index Cond: ((user_id)::text = 'planner-3'::text)" in plan, (params, plan)
+    # The hot path's own SQL for the unfiltered page (repositories.FETCH_NEWEST_PAGE_SQL), as the endpoint runs it.
+    with seeded.app_context():
+        cursor = get_session().connection().connection.cursor()
+        cursor.execute(f"EXPLAIN {FETCH_NEWEST_PAGE_SQL}", {"user_id": "planner-3", "page_size": 50, "offset": 0})
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+    assert "Index Scan Backward using ix_tasks_user_created" in plan, plan
+    assert "Sort" not in plan and "Seq Scan" not in plan, plan

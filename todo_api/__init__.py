@@ -41,7 +41,7 @@ API_SETTINGS: dict[str, Any] = {
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Build the app from the environment; `config` overrides it (tests)."""
-    app = Flask(__name__, instance_relative_config=True, static_folder=None)
+    app = web.App(__name__, instance_relative_config=True, static_folder=None)
     app.config.update(load_config())
     app.config.update(API_SETTINGS)
     app.config.update(config or {})

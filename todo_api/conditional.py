@@ -51,10 +51,8 @@ ETAG = {"description": "Strong ETag of the returned task", "schema": {"type": "s
 
 
 def etag(representation: Any) -> str:
-    """The strong ETag (unquoted) of a JSON representation: the SHA-1 of its JSON with sorted keys.
-
-    It is the value flask-smorest's @blp.etag gave (its app-JSON dump with sort_keys), so tags that clients hold
-    still match.
+    """The strong ETag (unquoted) of a JSON representation: the SHA-1 of its JSON with sorted keys (the value
+    flask-smorest's @blp.etag gave). Tasks no longer use it: tasks.task_etag derives theirs from id and updated_at.
     """
     return hashlib.sha1(to_json(representation, orjson.OPT_SORT_KEYS)).hexdigest()
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 import re
 import sys
 import time
-import uuid
 from typing import Any
 
 from flask import Flask, Response, g, request
@@ -17,6 +18,25 @@ REQUEST_ID_HEADER = "X-Request-ID"
 SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 access_log = logging.getLogger("todo_api.access")
+
+
+class RequestIds:
+    """32 hex digits, unique without asking the uuid module on every request (uuid4: about 2 µs): a random prefix
+    per process, drawn again in each forked worker, and a counter (itertools.count is atomic under the GIL)."""
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.counter = itertools.count()
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.counter):016x}"
+
+
+request_ids = RequestIds()
 
 
 class JSONFormatter(logging.Formatter):
@@ -69,12 +89,12 @@ def configure_logging(level: str) -> None:
 
 def start_request() -> None:
     incoming = request.headers.get(REQUEST_ID_HEADER, "")
-    g.request_id = incoming if SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    g.request_id = incoming if incoming and SAFE_REQUEST_ID.match(incoming) else request_ids.next()
     g.request_started = time.perf_counter()
 
 
 def finish_request(response: Response) -> Response:
-    request_id = g.get("request_id") or uuid.uuid4().hex
+    request_id = g.get("request_id") or request_ids.next()
     response.headers[REQUEST_ID_HEADER] = request_id
     started = g.get("request_started")
     if access_log.isEnabledFor(logging.INFO):

@@ -48,7 +48,12 @@ class OutageBreaker:
             raise DatabaseUnavailable("database unreachable; probing")
 
     def _on_error(self, context: Any) -> None:
-        if context.connection is not None and NO_ANSWER not in str(context.original_exception):
+        self.record_failure(context.original_exception, connected=context.connection is not None)
+
+    def record_failure(self, error: BaseException, *, connected: bool) -> None:
+        """A database error, from Core (the engine's handle_error event) or from a DBAPI connection used directly
+        (db.HotConnection): an outage if no connection could be opened or the server stopped answering."""
+        if connected and NO_ANSWER not in str(error):
             return
         with self._lock:
             if self.unreachable_since is not None:
