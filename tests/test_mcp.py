@@ -688,3 +688,28 @@ def test_typescript_sdk_client_lists_the_tools_and_adds_a_task(served, users):
     assert call("GET", f"{served.base_url}/api/{user}/tasks/{task['id']}", token)[2] == task
     assert "Traceback" not in served.output()
 
+
+
+# --- stdio: flask mcp serve --------------------------------------------------------------------------------------
+
+
+def test_flask_mcp_serve_answers_each_line_for_the_user_given(runner, client):
+    lines = [initialize("2025-06-18"), {"jsonrpc": "2.0", "method": "notifications/initialized"},
+             rpc("tools/list", request_id=2),
+             rpc("tools/call", {"name": "add_task", "arguments": {"title": "From stdio"}}, request_id=3),
+             rpc("tools/call", {"name": "add_task", "arguments": {"title": ""}}, request_id=4), "not json"]
+    stdin = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
+    result = runner.invoke(args=["mcp", "serve", "--user", "alice"], input=stdin)
+    assert result.exit_code == 0, result.output
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [answer["id"] for answer in answers] == [1, 2, 3, 4, None]  # nothing for the notification
+    assert answers[0]["result"]["protocolVersion"] == "2025-06-18"
+    assert {tool["name"] for tool in answers[1]["result"]["tools"]} == TOOL_NAMES
+    added = answers[2]["result"]["structuredContent"]
+    assert answers[3]["result"]["isError"] is True and answers[4]["error"]["code"] == -32700
+    assert rest_tasks(client, "alice") == [added] and added["user_id"] == "alice"
+
+
+def test_flask_mcp_serve_requires_a_user(runner):
+    assert runner.invoke(args=["mcp", "serve"], input="").exit_code != 0
+    assert runner.invoke(args=["mcp", "serve", "--user", " "], input="").exit_code != 0

@@ -23,11 +23,15 @@ request's session and this view commits once, after a tool succeeded. Errors:
 from __future__ import annotations
 
 import logging
-from typing import Any
+import sys
+from collections.abc import Iterable
+from typing import Any, TextIO
 
+import click
 import mcp_types as types
 import orjson
 from flask import Blueprint, Flask, Response, current_app, g, request
+from flask.cli import AppGroup
 from flask_smorest import abort
 from mcp_types import jsonrpc
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
@@ -151,6 +155,11 @@ def endpoint() -> Response:
     body = read_body(request)
     if not request.is_json:
         abort(415, message="Content-Type must be application/json")
+    return answer(body)
+
+
+def answer(body: bytes) -> Response:
+    """The answer to one JSON-RPC message, for the token's user in g.user_id (HTTP and stdio alike)."""
     try:
         message = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -246,7 +255,7 @@ def call_tool(params: dict[str, Any], _version: str) -> dict[str, Any]:
     if tool is None:
         raise RPCError(jsonrpc.INVALID_PARAMS, f"Unknown tool: {call.name}. Tools: {', '.join(mcp_tools.TOOLS)}")
     g.mcp_tool = tool.name
-    session = get_session()
+    session = get_session(read_only=tool.read_only)
     try:
         output = mcp_tools.call(tool, session, g.user_id, call.arguments or {})
     except mcp_tools.ToolError as error:
@@ -277,7 +286,42 @@ def prepared_results() -> dict[str, Any]:
     return {"tools/list": tools_list, "initialize": initialize_result}
 
 
+# --- stdio: `flask mcp serve --user ID` ------------------------------------------------------------------------------
+
+mcp_cli = AppGroup("mcp", help="MCP tools over stdio, for a local agent.")
+
+
+@mcp_cli.command("serve")
+@click.option("--user", "user_id", required=True, help="Whose tasks the tools act on (a Better Auth user id).")
+def serve(user_id: str) -> None:
+    """Serve the MCP tools over stdio (one JSON-RPC message per line) for USER: the operator of the CLI already has
+    the database, so no token is asked for. Logs go to stderr; stdout carries only MCP messages."""
+    if not auth.is_user_id(user_id):
+        raise click.BadParameter("not a user id", param_hint="--user")
+    serve_stdio(current_app._get_current_object(), user_id, sys.stdin, sys.stdout)  # type: ignore[attr-defined]
+
+
+def serve_stdio(app: Flask, user_id: str, lines: Iterable[str], out: TextIO) -> None:
+    """Answer each line as /mcp answers a POST, in a fresh app context (its own g and session) per message."""
+    for line in lines:
+        if not line.strip():
+            continue
+        with app.app_context(), app.test_request_context(MCP_PATH, method="POST"):
+            g.user_id = user_id
+            try:
+                response = answer(line.encode())
+            except Exception as error:  # the HTTP app's error handlers are not here: stay up, answer, log
+                log.error("mcp stdio call failed", exc_info=error)
+                response = rpc_error(None, RPCError(jsonrpc.INTERNAL_ERROR, "Internal error", 500))
+            log.info("mcp stdio call", extra={"user_id": user_id, "mcp_method": g.get("mcp_method"),
+                                              "tool": g.get("mcp_tool"), "tool_error": g.get("mcp_tool_error")})
+            if response.status_code != 202:
+                out.write(response.get_data(as_text=True) + "\n")
+                out.flush()
+
+
 def init_app(app: Flask) -> None:
+    app.cli.add_command(mcp_cli)
     app.extensions[EXTENSION] = prepared_results()
     app.register_blueprint(blp)
     app.add_url_rule(METADATA_PATH, "oauth_protected_resource", lambda: protected_resource_metadata(""))

@@ -1,0 +1,102 @@
+"""Cost per call of an MCP tools/call next to the equivalent REST request, in process through the Flask test client
+against PostgreSQL (todo_api/mcp_server.py).
+
+Run: TEST_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/test_mcp .venv/bin/python -m bench.bench_mcp
+
+Pairs: one task (GET /api/{user}/tasks/{id} and get_task), a page of 20 tasks (GET /api/{user}/tasks?page_size=20
+and list_tasks with page_size 20), and MCP's ping as the floor of the transport (auth, JSON-RPC, no database).
+The requests take turns in blocks of 100, so the machine's drift hits them alike. Wall: the median of every
+request's wall time. CPU: this process's CPU time per request, the median and the best of the blocks (on a shared
+machine the best is the least disturbed). Rate limits off, as in `make bench`; the log at WARNING.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from alembic import command
+from sqlalchemy import delete
+
+from tests.helpers import MCP_HEADERS, bearer, make_config, make_token
+from todo_api import create_app
+from todo_api.cli import alembic_config
+from todo_api.config import normalize_database_url
+from todo_api.db import get_db
+from todo_api.models import Task, TaskCount
+
+BLOCK = 100
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "20"))
+TASKS = 20
+USER = f"bench-mcp-{uuid.uuid4().hex[:8]}"
+
+
+def main() -> None:
+    database_url = normalize_database_url(os.environ["TEST_DATABASE_URL"])
+    command.upgrade(alembic_config(database_url), "head")
+    app = create_app(make_config(database_url, LOG_LEVEL="WARNING"))
+    client = app.test_client()
+    auth = bearer(make_token(USER, ttl=3600))
+    mcp_headers = {**MCP_HEADERS, **auth}
+    ids = []
+    for number in range(TASKS):
+        created = client.post(f"/api/{USER}/tasks", json={"title": f"bench {number}", "tags": ["bench"]},
+                              headers=auth)
+        assert created.status_code == 201, created.json
+        ids.append(created.json["id"])
+    task_id = ids[0]
+
+    def rest(path: str) -> Callable[[], Any]:
+        return lambda: client.get(path, headers=auth)
+
+    def tool(name: str, arguments: dict[str, Any]) -> Callable[[], Any]:
+        message = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": name, "arguments": arguments}}
+        return lambda: client.post("/mcp", json=message, headers=mcp_headers)
+
+    requests: dict[str, Callable[[], Any]] = {
+        "REST GET one task": rest(f"/api/{USER}/tasks/{task_id}"),
+        "MCP get_task": tool("get_task", {"task_id": task_id}),
+        f"REST GET list, page_size={TASKS}": rest(f"/api/{USER}/tasks?page_size={TASKS}"),
+        f"MCP list_tasks, page_size={TASKS}": tool("list_tasks", {"page_size": TASKS}),
+        "MCP ping": lambda: client.post("/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
+                                        headers=mcp_headers),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in requests}
+    cpu: dict[str, list[float]] = {name: [] for name in requests}
+    try:
+        for name, send in requests.items():  # warm up, and check that each answers what it should
+            for _ in range(BLOCK):
+                response = send()
+                assert response.status_code == 200, (name, response.get_data()[:200])
+                if name.startswith("MCP") and "ping" not in name:
+                    assert response.json["result"]["isError"] is False, response.json
+        for _ in range(ROUNDS):
+            for name, send in requests.items():
+                cpu_started = time.process_time()
+                for _ in range(BLOCK):
+                    started = time.perf_counter()
+                    send()
+                    samples[name].append(time.perf_counter() - started)
+                cpu[name].append((time.process_time() - cpu_started) / BLOCK)
+        print(f"{BLOCK * ROUNDS} requests each through the Flask test client, in blocks of {BLOCK} taking turns; "
+              f"load average {os.getloadavg()[0]:.1f}")
+        print(f"{'':34} {'wall median':>12} {'CPU median':>12} {'CPU best block':>15}")
+        for name in requests:
+            wall, cpu_median, cpu_best = (statistics.median(samples[name]) * 1e6, statistics.median(cpu[name]) * 1e6,
+                                          min(cpu[name]) * 1e6)
+            print(f"{name:34} {wall:9.0f} us {cpu_median:9.0f} us {cpu_best:12.0f} us")
+    finally:
+        with app.app_context():
+            with get_db().engine.begin() as connection:
+                connection.execute(delete(Task).where(Task.user_id == USER))
+                connection.execute(delete(TaskCount).where(TaskCount.user_id == USER))
+        app.extensions["db"].engine.dispose()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
