@@ -4,7 +4,8 @@ against PostgreSQL (todo_api/mcp_server.py).
 Run: TEST_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/test_mcp .venv/bin/python -m bench.bench_mcp
 
 Pairs: one task (GET /api/{user}/tasks/{id} and get_task), a page of 20 tasks (GET /api/{user}/tasks?page_size=20
-and list_tasks with page_size 20), and MCP's ping as the floor of the transport (auth, JSON-RPC, no database).
+and list_tasks with page_size 20), and the floors without a database: GET /api/me (the token) and MCP's ping (the
+token and the JSON-RPC envelope).
 The requests take turns in blocks of 100, so the machine's drift hits them alike. Wall: the median of every
 request's wall time. CPU: this process's CPU time per request, the median and the best of the blocks (on a shared
 machine the best is the least disturbed). Rate limits off, as in `make bench`; the log at WARNING.
@@ -63,6 +64,7 @@ def main() -> None:
         "MCP get_task": tool("get_task", {"task_id": task_id}),
         f"REST GET list, page_size={TASKS}": rest(f"/api/{USER}/tasks?page_size={TASKS}"),
         f"MCP list_tasks, page_size={TASKS}": tool("list_tasks", {"page_size": TASKS}),
+        "REST GET /api/me": rest("/api/me"),
         "MCP ping": lambda: client.post("/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
                                         headers=mcp_headers),
     }

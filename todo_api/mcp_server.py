@@ -47,8 +47,6 @@ log = logging.getLogger(__name__)
 MCP_PATH = "/mcp"
 METADATA_PATH = "/.well-known/oauth-protected-resource"
 PROTOCOL_VERSION_HEADER = "MCP-Protocol-Version"
-# Without the header, a client speaks the version it negotiated before headers existed (spec 2025-06-18, §2.7).
-DEFAULT_PROTOCOL_VERSION = "2025-03-26"
 SUPPORTED_VERSIONS: tuple[str, ...] = HANDSHAKE_PROTOCOL_VERSIONS  # 2024-11-05 to 2025-11-25
 SERVER_NAME = "todo-api"
 SERVER_VERSION = "1.0.0"
@@ -57,6 +55,7 @@ INSTRUCTIONS = (
     "signed-in user's id). Find a task's task_id with list_tasks (filters: status, q, priority, tag, overdue)."
 )
 EXTENSION = "todo_api.mcp"
+MAX_LOGGED_METHOD = 100  # characters of a method name in the log line: a client chooses it
 
 blp = Blueprint("mcp", __name__)
 
@@ -185,15 +184,15 @@ def handle(message: Any) -> Response:
         raise RPCError(jsonrpc.INVALID_REQUEST, "Invalid request: no method", 400)
     if "id" not in message:
         validate(jsonrpc.JSONRPCNotification, message)
-        g.mcp_method = message["method"]
+        g.mcp_method = message["method"][:MAX_LOGGED_METHOD]
         return accepted()  # notifications/initialized, cancelled...: nothing to do for a stateless server
     rpc = validate(jsonrpc.JSONRPCRequest, message)
-    g.mcp_method = rpc.method
-    version = protocol_version(rpc.method)
+    g.mcp_method = rpc.method[:MAX_LOGGED_METHOD]
+    check_protocol_version()
     method = METHODS.get(rpc.method)
     if method is None:
         raise RPCError(jsonrpc.METHOD_NOT_FOUND, f"Method not found: {rpc.method}")
-    result = method(rpc.params or {}, version)
+    result = method(rpc.params or {})
     return json_response({"jsonrpc": "2.0", "id": rpc.id, "result": result})
 
 
@@ -210,17 +209,15 @@ def first_error(error: ValidationError) -> str:
     return f"{where}: {detail['msg']}" if where else detail["msg"]
 
 
-def protocol_version(method: str) -> str:
-    """The MCP-Protocol-Version header's version; an unsupported one is 400 (spec 2025-06-18, §2.7), with the
-    versions this server speaks (-32022, as 2026-07-28 clients expect, so that they fall back to initialize)."""
+def check_protocol_version() -> None:
+    """An MCP-Protocol-Version header this server does not speak is 400 (spec 2025-06-18, §2.7), with the versions
+    it does (-32022, as 2026-07-28 clients expect, so that they fall back to initialize). Without the header, a
+    client speaks 2025-03-26 or earlier, which the tools serve alike: nothing here depends on the version."""
     header = request.headers.get(PROTOCOL_VERSION_HEADER)
-    if header is None:
-        return DEFAULT_PROTOCOL_VERSION
-    if header not in SUPPORTED_VERSIONS:
+    if header is not None and header not in SUPPORTED_VERSIONS:
         data = types.UnsupportedProtocolVersionErrorData(supported=list(SUPPORTED_VERSIONS), requested=header)
         raise RPCError(jsonrpc.UNSUPPORTED_PROTOCOL_VERSION, f"Unsupported protocol version: {header}", 400,
                        data.model_dump())
-    return header
 
 
 def params_of(model: Any, params: dict[str, Any]) -> Any:
@@ -230,7 +227,7 @@ def params_of(model: Any, params: dict[str, Any]) -> Any:
         raise RPCError(jsonrpc.INVALID_PARAMS, f"Invalid params: {first_error(error)}") from None
 
 
-def initialize(params: dict[str, Any], _version: str) -> dict[str, Any]:
+def initialize(params: dict[str, Any]) -> dict[str, Any]:
     """Version negotiation: the client's version if this server speaks it, else the latest this server speaks
     (the client then decides whether to go on)."""
     requested = params_of(types.InitializeRequestParams, params).protocol_version
@@ -239,17 +236,17 @@ def initialize(params: dict[str, Any], _version: str) -> dict[str, Any]:
     )
 
 
-def ping(_params: dict[str, Any], _version: str) -> dict[str, Any]:
+def ping(_params: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def list_tools(params: dict[str, Any], _version: str) -> dict[str, Any]:
+def list_tools(params: dict[str, Any]) -> dict[str, Any]:
     if params_of(types.PaginatedRequestParams, params).cursor is not None:
         raise RPCError(jsonrpc.INVALID_PARAMS, "Invalid params: unknown cursor (all tools fit on one page)")
     return current_app.extensions[EXTENSION]["tools/list"]
 
 
-def call_tool(params: dict[str, Any], _version: str) -> dict[str, Any]:
+def call_tool(params: dict[str, Any]) -> dict[str, Any]:
     call = params_of(types.CallToolRequestParams, params)
     tool = mcp_tools.TOOLS.get(call.name)
     if tool is None:
