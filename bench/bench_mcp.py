@@ -77,14 +77,17 @@ def main() -> None:
                 assert response.status_code == 200, (name, response.get_data()[:200])
                 if name.startswith("MCP") and "ping" not in name:
                     assert response.json["result"]["isError"] is False, response.json
+        failures = 0
         for _ in range(ROUNDS):
             for name, send in requests.items():
                 cpu_started = time.process_time()
                 for _ in range(BLOCK):
                     started = time.perf_counter()
-                    send()
+                    status = send().status_code
                     samples[name].append(time.perf_counter() - started)
+                    failures += status != 200
                 cpu[name].append((time.process_time() - cpu_started) / BLOCK)
+        assert failures == 0, f"{failures} requests did not get 200: the figures would be of errors"
         print(f"{BLOCK * ROUNDS} requests each through the Flask test client, in blocks of {BLOCK} taking turns; "
               f"load average {os.getloadavg()[0]:.1f}")
         print(f"{'':34} {'wall median':>12} {'CPU median':>12} {'CPU best block':>15}")
