@@ -336,13 +336,32 @@ def test_structured_results_match_their_output_schemas(client):
         jsonschema.validate(result["structuredContent"], tools[name]["outputSchema"])
 
 
-def test_the_written_out_tool_result_is_the_sdks_call_tool_result(client, create_task):
+@pytest.mark.parametrize("etag", [None, '"0123abcd"'])
+def test_the_written_out_tool_result_is_the_sdks_call_tool_result(client, create_task, etag):
     task = mcp_tool(client, make_token(), "get_task", {"task_id": create_task()["id"]})["structuredContent"]
     sdk = mcp_types.CallToolResult(content=[mcp_types.TextContent(type="text", text=json.dumps(task))],
-                                   structured_content=task).model_dump(by_alias=True, exclude_none=True)
-    ours = mcp_server.tool_result(task)
-    assert json.loads(ours["content"][0].pop("text")) == json.loads(sdk["content"][0].pop("text"))
-    assert ours == sdk
+                                   structured_content=task, meta={"todo-api/etag": etag} if etag else None)
+    sdk_dict = sdk.model_dump(by_alias=True, exclude_none=True)
+    ours = mcp_server.tool_result(task, etag)
+    assert json.loads(ours["content"][0].pop("text")) == json.loads(sdk_dict["content"][0].pop("text"))
+    assert ours == sdk_dict
+
+
+def test_task_results_carry_rests_etag_and_if_match_refuses_a_stale_one(client, create_task):
+    task = create_task()
+    token = make_token()
+    rest_etag = client.get(f"/api/alice/tasks/{task['id']}", headers=bearer(token)).headers["ETag"]
+    read = mcp_tool(client, token, "get_task", {"task_id": task["id"]})
+    assert read["_meta"] == {"todo-api/etag": rest_etag}
+    updated = mcp_tool(client, token, "update_task", {"task_id": task["id"], "title": "New", "if_match": rest_etag})
+    assert updated["isError"] is False and updated["_meta"]["todo-api/etag"] != rest_etag
+    for name, arguments in (("update_task", {"title": "Lost update"}), ("complete_task", {}), ("delete_task", {})):
+        stale = mcp_tool(client, token, name, {"task_id": task["id"], "if_match": rest_etag, **arguments})
+        assert tool_error(stale).startswith("if_match: the task has changed")
+    assert [(listed["title"], listed["status"]) for listed in rest_tasks(client, "alice")] == [("New", "pending")]
+    current = updated["_meta"]["todo-api/etag"].strip('"')  # bare, as some clients keep it
+    assert mcp_tool(client, token, "complete_task", {"task_id": task["id"], "if_match": current})["isError"] is False
+    assert "_meta" not in mcp_tool(client, token, "list_tasks")
 
 
 def test_list_tasks_filters_sorts_and_pages_like_rest(client, create_task):

@@ -55,6 +55,7 @@ INSTRUCTIONS = (
     "signed-in user's id). Find a task's task_id with list_tasks (filters: status, q, priority, tag, overdue)."
 )
 EXTENSION = "todo_api.mcp"
+ETAG_META_KEY = "todo-api/etag"
 MAX_LOGGED_METHOD = 100  # characters of a method name in the log line: a client chooses it
 
 blp = Blueprint("mcp", __name__)
@@ -254,7 +255,7 @@ def call_tool(params: dict[str, Any]) -> dict[str, Any]:
     g.mcp_tool = tool.name
     session = get_session(read_only=tool.read_only)
     try:
-        output = mcp_tools.call(tool, session, g.user_id, call.arguments or {})
+        output, etag = mcp_tools.call(tool, session, g.user_id, call.arguments or {})
     except mcp_tools.ToolError as error:
         session.rollback()
         g.mcp_tool_error = True
@@ -262,16 +263,20 @@ def call_tool(params: dict[str, Any]) -> dict[str, Any]:
                                     is_error=True).model_dump(by_alias=True, exclude_none=True)
     if not tool.read_only:
         session.commit()
-    return tool_result(output)
+    return tool_result(output, etag)
 
 
-def tool_result(output: dict[str, Any]) -> dict[str, Any]:
-    """A successful CallToolResult: the output as structuredContent, and as JSON text for older clients.
+def tool_result(output: dict[str, Any], etag: str | None = None) -> dict[str, Any]:
+    """A successful CallToolResult: the output as structuredContent, and as JSON text for older clients; a task's
+    ETag in _meta, for the if_match of a later write.
 
     Written out: `types.CallToolResult(...).model_dump(by_alias=True, exclude_none=True)` gives the same dict
     (tests/test_mcp.py holds them equal) for about 50 µs more per call (bench/bench_mcp.py, README)."""
-    return {"content": [{"type": "text", "text": to_json(output).decode()}], "structuredContent": output,
-            "isError": False, "resultType": "complete"}
+    result = {"content": [{"type": "text", "text": to_json(output).decode()}], "structuredContent": output,
+              "isError": False, "resultType": "complete"}
+    if etag is not None:
+        result["_meta"] = {ETAG_META_KEY: etag}
+    return result
 
 
 METHODS = {"initialize": initialize, "ping": ping, "tools/list": list_tools, "tools/call": call_tool}

@@ -13,6 +13,7 @@ answered as a tool result with isError: true.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,8 +23,10 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import current_app
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 from sqlalchemy.orm import Session
+from werkzeug.http import quote_etag
 
 from . import repositories as repo
+from .models import Task
 from .schemas import (
     CompletionSchema,
     StrictBoolean,
@@ -34,6 +37,7 @@ from .schemas import (
     TaskWriteSchema,
     task_to_dict,
 )
+from .tasks import task_etag
 
 LIST_PAGE_SIZE = 20
 # A list page costs one rate-limit unit per 100 tasks on REST (limits.py); a tool call costs one, so its page is 100
@@ -60,15 +64,21 @@ class TaskIdArgument(Schema):
                                                                   "list_tasks."})
 
 
+class IfMatchArgument(Schema):
+    if_match = fields.String(metadata={"description": "Optional: the etag of the task as last read (a result's "
+                                                      "_meta[\"todo-api/etag\"], or REST's ETag). The change is "
+                                                      "refused if the task has changed since."})
+
+
 class AddTaskArguments(TaskCreateSchema, UserArgument):
     """POST /api/{user_id}/tasks's body."""
 
 
-class UpdateTaskArguments(TaskWriteSchema, TaskIdArgument, UserArgument):
+class UpdateTaskArguments(TaskWriteSchema, TaskIdArgument, IfMatchArgument, UserArgument):
     """PATCH /api/{user_id}/tasks/{id}'s body, plus the task."""
 
 
-class CompleteTaskArguments(CompletionSchema, TaskIdArgument, UserArgument):
+class CompleteTaskArguments(CompletionSchema, TaskIdArgument, IfMatchArgument, UserArgument):
     """PATCH .../complete's body, plus the task; `completed` defaults to true here (REST's empty body toggles, which
     an agent retrying a call would undo)."""
 
@@ -77,8 +87,13 @@ class CompleteTaskArguments(CompletionSchema, TaskIdArgument, UserArgument):
 
 
 class TaskArguments(TaskIdArgument, UserArgument):
-    """get_task, delete_task."""
+    """get_task."""
 
+    class Meta:
+        unknown = RAISE
+
+
+class DeleteTaskArguments(TaskIdArgument, IfMatchArgument, UserArgument):
     class Meta:
         unknown = RAISE
 
@@ -121,9 +136,11 @@ class DeletedSchema(Schema):
 # --- Handlers -------------------------------------------------------------------------------------------------------
 
 
-def add_task(session: Session, user_id: str, data: dict[str, Any]) -> dict[str, Any]:
-    task = repo.create_task(session, user_id, data, quota=current_app.config["TASK_QUOTA"])
-    return task_to_dict(task)
+# A tool that returns a task returns the Task (or row): call() writes it as REST does and adds its ETag.
+
+
+def add_task(session: Session, user_id: str, data: dict[str, Any]) -> Task:
+    return repo.create_task(session, user_id, data, quota=current_app.config["TASK_QUOTA"])
 
 
 def list_tasks(session: Session, user_id: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -133,24 +150,36 @@ def list_tasks(session: Session, user_id: str, params: dict[str, Any]) -> dict[s
             "has_more": page * page_size < total}
 
 
-def get_task(session: Session, user_id: str, params: dict[str, Any]) -> dict[str, Any]:
-    return task_to_dict(repo.read_task(session, user_id, params["task_id"]))
+def get_task(session: Session, user_id: str, params: dict[str, Any]) -> Any:
+    return repo.read_task(session, user_id, params["task_id"])
 
 
-def update_task(session: Session, user_id: str, params: dict[str, Any]) -> dict[str, Any]:
-    task_id = params.pop("task_id")
-    task = repo.get_task(session, user_id, task_id, for_update=True)  # as tasks._find_unchanged: locked till commit
-    return task_to_dict(repo.update_task(session, task, params))
+def find_unchanged(session: Session, user_id: str, task_id: uuid.UUID, if_match: str | None) -> Task:
+    """The task for a write, locked FOR UPDATE until the write commits, as tasks._find_unchanged; with `if_match`,
+    a ToolError unless it is the task's current ETag (quoted as REST sends it, or bare)."""
+    task = repo.get_task(session, user_id, task_id, for_update=True)
+    if if_match is not None:
+        etag = task_etag(task)
+        if if_match.strip() not in (etag, quote_etag(etag)):
+            raise ToolError(f"if_match: the task has changed since that etag was read (it is now {quote_etag(etag)});"
+                            " read it again before changing it")
+    return task
 
 
-def complete_task(session: Session, user_id: str, params: dict[str, Any]) -> dict[str, Any]:
-    return task_to_dict(repo.set_completed(session, user_id, params["task_id"], params["completed"]))
+def update_task(session: Session, user_id: str, params: dict[str, Any]) -> Task:
+    task = find_unchanged(session, user_id, params.pop("task_id"), params.pop("if_match", None))
+    return repo.update_task(session, task, params)
+
+
+def complete_task(session: Session, user_id: str, params: dict[str, Any]) -> Task:
+    if params.get("if_match") is not None:  # the row stays locked, as checked, until the UPDATE commits
+        find_unchanged(session, user_id, params["task_id"], params["if_match"])
+    return repo.set_completed(session, user_id, params["task_id"], params["completed"])
 
 
 def delete_task(session: Session, user_id: str, params: dict[str, Any]) -> dict[str, Any]:
-    task_id = params["task_id"]
-    repo.delete_task(session, repo.get_task(session, user_id, task_id, for_update=True))
-    return {"deleted": True, "task_id": task_id}
+    repo.delete_task(session, find_unchanged(session, user_id, params["task_id"], params.get("if_match")))
+    return {"deleted": True, "task_id": params["task_id"]}
 
 
 def task_summary(session: Session, user_id: str, _params: dict[str, Any]) -> dict[str, Any]:
@@ -167,7 +196,7 @@ class Tool:
     description: str
     arguments: Schema
     output: Schema
-    handler: Callable[[Session, str, dict[str, Any]], dict[str, Any]]
+    handler: Callable[[Session, str, dict[str, Any]], Any]
     read_only: bool = False
     destructive: bool = False
     idempotent: bool = False
@@ -193,7 +222,7 @@ TOOLS: dict[str, Tool] = {tool.name: tool for tool in (
          "twice changes nothing more.",
          CompleteTaskArguments(exclude=("is_completed",)), TaskSchema(), complete_task, idempotent=True),
     Tool("delete_task", "Delete a task", "Delete one of the signed-in user's tasks, for good.",
-         TaskArguments(), DeletedSchema(), delete_task, destructive=True),
+         DeleteTaskArguments(), DeletedSchema(), delete_task, destructive=True),
     Tool("task_summary", "Summarize tasks",
          "Counts of the signed-in user's tasks: total, by status, overdue, and by priority.",
          SummaryArguments(), SummarySchema(), task_summary, read_only=True),
@@ -258,11 +287,15 @@ def describe(messages: Any, prefix: str = "") -> str:
     return str(messages)
 
 
-def call(tool: Tool, session: Session, user_id: str, arguments: dict[str, Any]) -> dict[str, Any]:
-    """Run a tool for the user; ToolError for what the agent can fix (arguments, an unknown task, the quota)."""
+def call(tool: Tool, session: Session, user_id: str, arguments: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """Run a tool for the user: its output and, for a task, the task's ETag (REST's, quoted). ToolError for what the
+    agent can fix (arguments, an unknown task, a stale if_match, the quota)."""
     params = load_arguments(tool, arguments, user_id)
     try:
-        return tool.handler(session, user_id, params)
+        result = tool.handler(session, user_id, params)
+        if isinstance(tool.output, TaskSchema):
+            return task_to_dict(result), quote_etag(task_etag(result))
+        return result, None
     except repo.TaskNotFound:
         raise ToolError(TASK_NOT_FOUND) from None
     except repo.QuotaExceeded as error:
