@@ -25,6 +25,8 @@ import pytest
 from alembic import command
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flask import Flask
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import create_engine, text
 
 from todo_api import create_app, mcp_server, mcp_tools
@@ -514,6 +516,37 @@ def test_the_task_quota_is_a_tool_error(client, app, monkeypatch):
     assert mcp_tool(client, token, "add_task", {"title": "One"})["isError"] is False
     assert tool_error(mcp_tool(client, token, "add_task", {"title": "Two"})).startswith("Task quota reached")
     assert [task["title"] for task in rest_tasks(client, "alice")] == ["One"]
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(blacklist_categories=("Cs",)), max_size=30),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@pytest.mark.parametrize("name", sorted(TOOL_NAMES))
+def test_any_json_arguments_get_a_tool_result_never_a_crash(client, create_task, name):
+    """Whatever an agent sends as arguments: a result, an error result naming what is wrong, never a 500."""
+    token = make_token()
+    tool = tools_by_name(client, token)[name]
+    fields = sorted(tool["inputSchema"]["properties"]) + ["unknown"]
+    task_id = create_task()["id"]
+    values = JSON_VALUES | st.just(task_id) | st.just("2030-01-01T00:00:00Z") | st.just(["a", "b"])
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+              database=None)
+    @given(st.dictionaries(st.sampled_from(fields), values, max_size=4))
+    def check(arguments: dict[str, Any]) -> None:
+        result = mcp_tool(client, token, name, arguments)
+        assert isinstance(result["isError"], bool)
+        if result["isError"]:
+            assert result["content"][0]["text"]
+        else:
+            jsonschema.validate(result["structuredContent"], tool["outputSchema"])
+
+    check()
 
 
 def test_each_call_is_one_log_line_naming_the_tool(client, capsys):
