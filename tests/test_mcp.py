@@ -639,6 +639,7 @@ def test_python_sdk_client_manages_tasks_as_rest_sees_them(served, users, mode):
 
     async def session(client: Any) -> None:
         log.add(f"connected ({mode}): protocol {client.protocol_version}, server {client.server_info.name}")
+        assert client.protocol_version == "2025-11-25"  # the default mode's 2026-07-28 probe fell back to initialize
         tools = await client.list_tools()
         log.add(f"tools/list: {', '.join(tool.name for tool in tools.tools)}")
         assert {tool.name for tool in tools.tools} == TOOL_NAMES
