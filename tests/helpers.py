@@ -161,3 +161,22 @@ def running_server(command: list[str], port: int, log_path: Path, name: str) -> 
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+MCP_HEADERS = {"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": "2025-06-18"}
+
+
+def mcp_post(client: Any, token: str | None, message: Any, *, headers: dict[str, str] | None = None) -> Any:
+    """POST one JSON-RPC message to /mcp through the Flask test client, as the SDK clients send it."""
+    sent = {**MCP_HEADERS, **(bearer(token) if token else {}), **(headers or {})}
+    return client.post("/mcp", json=message, headers=sent)
+
+
+def mcp_tool(client: Any, token: str, name: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+    """tools/call through the test client: the CallToolResult (asserting a 200 JSON-RPC result)."""
+    response = mcp_post(client, token, {"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                                        "params": {"name": name, "arguments": arguments or {}}})
+    assert response.status_code == 200, response.get_data()[:300]
+    body = response.json
+    assert body["id"] == 7 and "result" in body, body
+    return body["result"]

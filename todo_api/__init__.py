@@ -9,7 +9,7 @@ from flask import Flask, Response
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException
 
-from . import auth, cli, db, errors, health, limits, observability, tasks, web
+from . import auth, cli, db, errors, health, limits, mcp_server, observability, tasks, web
 from .config import MAX_BODY_BYTES, check_secret, load_config
 from .schemas import ErrorSchema
 
@@ -59,6 +59,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     api = TodoApi(app)
     for blueprint in (tasks.blp, auth.blp, health.blp):
         api.register_blueprint(blueprint)
+    mcp_server.init_app(app)  # /mcp: a plain blueprint, outside the OpenAPI document
     errors.init_app(app)
     web.init_app(app)
     cli.init_app(app)

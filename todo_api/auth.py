@@ -235,10 +235,15 @@ def bearer_token() -> str:
     return token.strip()
 
 
+def is_authenticated_path(path: str) -> bool:
+    """The REST API and the MCP endpoint take the same bearer token."""
+    return path.startswith("/api/") or path in ("/mcp", "/mcp/")
+
+
 def load_user() -> None:
     """Decode the bearer token, if any, into g.claims / g.user_id; keep why it failed in g.auth_error otherwise."""
     g.claims = g.user_id = g.auth_error = None
-    if not request.path.startswith("/api/"):
+    if not is_authenticated_path(request.path):
         return
     try:
         g.claims = decode_token(bearer_token())

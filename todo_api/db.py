@@ -140,12 +140,16 @@ def get_db() -> Database:
     return current_app.extensions["db"]
 
 
-def get_session() -> Session:
-    """The request's session, created on first use (DatabaseUnavailable at once while the database is known down)."""
+def get_session(read_only: bool | None = None) -> Session:
+    """The request's session, created on first use (DatabaseUnavailable at once while the database is known down).
+
+    `read_only`: whether it only reads (autocommit); by default, whether the request's method is safe. An MCP call
+    is always a POST, and says so for its read-only tools."""
     if "db_session" not in g:
         db = get_db()
         db.outage.admit()
-        read_only = has_request_context() and request.method in SAFE_METHODS
+        if read_only is None:
+            read_only = has_request_context() and request.method in SAFE_METHODS
         g.db_session = db.new_session(read_only=read_only)
     return g.db_session
 

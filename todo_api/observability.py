@@ -107,6 +107,10 @@ def finish_request(response: Response) -> Response:
                 "status": response.status_code,
                 "duration_ms": round((time.perf_counter() - started) * 1000, 2) if started else None,
                 "user_id": g.get("user_id"),
+                # MCP (mcp_server.py): the JSON-RPC method, the tool called and whether it failed; absent elsewhere
+                "mcp_method": g.get("mcp_method"),
+                "tool": g.get("mcp_tool"),
+                "tool_error": g.get("mcp_tool_error"),
             },
         )
     return response

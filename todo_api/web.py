@@ -157,6 +157,12 @@ def answer_preflight() -> Response | None:
     return None
 
 
+MCP_ALLOW_HEADERS = ["Authorization", "Content-Type", "Accept", "Mcp-Session-Id", "Mcp-Protocol-Version",
+                     "Last-Event-ID"]
+MCP_EXPOSE_HEADERS = ["Mcp-Session-Id", "WWW-Authenticate", "X-Request-ID", "Retry-After", "X-RateLimit-Limit",
+                      "X-RateLimit-Remaining", "X-RateLimit-Reset", "X-RateLimit-Reset-After"]
+
+
 class WithOrigin:
     """What flask-cors registers its after-request hook on (its init_app takes an app or a blueprint): the app, with
     the hook run only for requests that carry an Origin, which browsers send on every cross-origin request.
@@ -186,14 +192,21 @@ class WithOrigin:
         return self.app.after_request(cors_if_origin)
 
 
-CORS_PATHS = "/api/"
+CORS_PATHS = ("/api/", "/mcp")  # the responses that depend on Origin: Vary: Origin
 
 
 def init_app(app: Flask) -> None:
     app.before_request(answer_preflight)
     CORS(
         WithOrigin(app),  # type: ignore[arg-type]
-        resources={rf"{CORS_PATHS}*": {"origins": app.config["FRONTEND_URL"]}},
+        resources={
+            r"/api/*": {"origins": app.config["FRONTEND_URL"]},
+            # MCP clients in the frontend's pages (mcp_server.py): the same origins, plus MCP's own headers.
+            r"/mcp": {"origins": app.config["FRONTEND_URL"], "allow_headers": MCP_ALLOW_HEADERS,
+                      "expose_headers": MCP_EXPOSE_HEADERS},
+            # RFC 9728 metadata is public: any page may read where to get a token.
+            r"/.well-known/oauth-protected-resource*": {"origins": "*"},
+        },
         allow_headers=["Authorization", "Content-Type", "If-Match", "If-None-Match"],
         # Retry-After and X-RateLimit-*: a browser app can back off from a 429 or a 503 (todo_api/limits.py).
         expose_headers=["X-Total-Count", "X-Pagination", "ETag", "Location", "X-Request-ID", "Retry-After",
