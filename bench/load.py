@@ -26,9 +26,10 @@ WRK_TIMEOUT = "10s"  # a request slower than this counts as a socket timeout
 
 @dataclass(frozen=True)
 class Load:
-    """How wrk drives a scenario: as fast as possible, or at a fixed total rate (one connection per thread)."""
+    """How wrk drives a scenario: as fast as possible (over 64 or 1,000 connections), or at a fixed total rate
+    (one connection per thread)."""
 
-    mode: str  # "saturation" or "rate"
+    mode: str  # "saturation", "rate" or "many" (saturation with --many-connections open at once)
     duration: int
     connections: int
     rate: float | None = None
@@ -112,7 +113,7 @@ def ensure_wrk() -> str:
 def wrk_command(url: str, scenario: str, load: Load) -> list[str]:
     command = ["wrk", f"-t{load.threads}", f"-c{load.connections}", f"-d{load.duration}s", "--timeout", WRK_TIMEOUT,
                "-s", str(SCENARIO_DIR / f"{scenario}.lua")]
-    if load.mode == "saturation":
+    if not load.rate:
         command.append("--latency")
     return [*command, url]
 
