@@ -30,6 +30,7 @@ OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 class Server:
     name: str
     url: str
+    pid: int | None = None  # gunicorn's master (bench/profile.py samples its workers)
 
 
 def _answers(url: str) -> bool:
@@ -71,7 +72,7 @@ def start_gunicorn(stack: ExitStack, name: str, app: str, env: dict[str, str], l
     stack.callback(_stop, process)
     url = f"http://127.0.0.1:{port}"
     _wait_ready(url + ready_path, lambda: process.poll() is None, log)
-    return Server(name, url)
+    return Server(name, url, process.pid)
 
 
 def launch_seed_stack(env: dict[str, str], mode: str) -> tuple[Server, Callable[[], None]]:
