@@ -51,6 +51,8 @@ class Measurement:
     p50_ms: float | None
     p95_ms: float | None
     p99_ms: float | None
+    max_ms: float | None = None
+    sent: int | None = None  # requests written (common.lua counts them): sent - requests were unanswered at the end
     late: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
     socket_errors: dict[str, int] = field(default_factory=dict)
@@ -147,6 +149,7 @@ def measurement(raw: dict[str, Any], target: str, scenario: str, load: Load, rou
         target=target, scenario=scenario, mode=load.mode, round=round_, requests=requests, seconds=round(seconds, 2),
         rps=round(requests / seconds, 1) if seconds else 0.0,
         p50_ms=_ms(latency.get("p50")), p95_ms=_ms(latency.get("p95")), p99_ms=_ms(latency.get("p99")),
+        max_ms=_ms(latency.get("max")), sent=int(raw["sent"]) if "sent" in raw else None,
         late=int(raw.get("late", 0)),
         statuses={status: int(count) for status, count in raw["statuses"].items()},
         socket_errors={kind: int(count) for kind, count in raw["errors"].items() if kind != "status" and count},

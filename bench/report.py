@@ -41,6 +41,10 @@ def _aggregate(runs: list[Measurement]) -> dict[str, Any]:
         "rounds": len(runs),
         "requests": sum(run.requests for run in runs),
         "late_sends": sum(run.late for run in runs),
+        "max_ms": max((run.max_ms for run in runs if run.max_ms is not None), default=None),
+        # Requests still unanswered when wrk stopped: wrk counts a timeout only for a response that comes late, so a
+        # request never answered shows here and nowhere else.
+        "unanswered": sum(run.sent - run.requests for run in runs if run.sent is not None),
         "non_2xx": dict(statuses),
         "socket_errors": dict(socket_errors),
     }
@@ -175,10 +179,16 @@ def _error_counts(side: dict[str, Any]) -> dict[str, int]:
     return counts
 
 
-def _many_table(summary: dict[str, Any], scenarios: list[str], peers: list[str],
-                ours_label: str) -> tuple[list[str], list[list[Any]]]:
-    """One row per scenario and server: median req/s and latency, errors summed over the rounds."""
-    head = ["scenario", "server", "req/s", "p50/p99 ms", "requests", *SOCKET_ERRORS, "non-2xx", "held"]
+def _many_table(summary: dict[str, Any], scenarios: list[str], peers: list[str], ours_label: str,
+                connections: int, timeout_ms: float) -> tuple[list[str], list[list[Any]]]:
+    """One row per scenario and server: median req/s and latency, the slowest response, errors summed over the
+    rounds, and the requests left unanswered when each run ended.
+
+    held: no socket error and no non-2xx (wrk's "timeout" counts the responses slower than its timeout), the
+    slowest response within the timeout, and, as wrk cannot see a request that is never answered, at least as many
+    responses per round as connections."""
+    head = ["scenario", "server", "req/s", "p50/p99 ms", "max ms", "requests", "unanswered", *SOCKET_ERRORS,
+            "non-2xx", "held"]
     rows = []
     for scenario in scenarios:
         entry = summary.get(scenario, {})
@@ -187,9 +197,11 @@ def _many_table(summary: dict[str, Any], scenarios: list[str], peers: list[str],
             if side is None:
                 continue
             counts = _error_counts(side)
-            held = "yes" if not any(counts.values()) and side["requests"] else "NO"
-            rows.append([scenario, label, side.get("rps"), _pair(side, "p50_ms", "p99_ms"), side["requests"],
-                         *counts.values(), held])
+            slowest = side.get("max_ms")
+            held = not any(counts.values()) and side["requests"] >= connections * side["rounds"] and (
+                slowest is not None and slowest < timeout_ms)
+            rows.append([scenario, label, side.get("rps"), _pair(side, "p50_ms", "p99_ms"), slowest, side["requests"],
+                         side.get("unanswered", "-"), *counts.values(), "yes" if held else "NO"])
     return head, rows
 
 
@@ -205,13 +217,14 @@ def format_tables(summary: dict[str, Any], scenarios: list[str], meta: dict[str,
               *_table(*_rate_table(summary, scenarios, peers, ours)), ""]
     lines += _below_rate(summary, scenarios, ["ours", *peers], meta["rate"])
     if meta.get("many_connections"):
-        head, rows = _many_table(summary, scenarios, peers, ours)
+        timeout_ms = float(timeout.removesuffix("s")) * 1000
+        head, rows = _many_table(summary, scenarios, peers, ours, meta["many_connections"], timeout_ms)
         if rows:
             lines += [f"{meta['many_connections']:,} connections: wrk -t2 -c{meta['many_connections']} "
                       f"-d{meta.get('many_duration', meta['duration'])}s --timeout {timeout} (the same for every "
-                      "server), after the other scenarios of its block; median req/s and "
-                      f"latency of {rounds} round(s), error counts summed; held = no socket error and no non-2xx",
-                      *_table(head, rows), ""]
+                      f"server), last in each server's block; median req/s and p50/p99 of {rounds} round(s); max, "
+                      "requests, unanswered at the end and errors over all rounds; held = no error of any kind, "
+                      "max < timeout and at least one response per connection and round", *_table(head, rows), ""]
     targets = ["ours", *peers]
     lines.append("Errors over all rounds and loads (non-2xx status x count; socket errors)  " + " | ".join(targets))
     for scenario in ["hello", *scenarios]:
