@@ -15,7 +15,7 @@ requests wrk counted give the CPU per request; each layer gets its share of that
 A sample belongs to a layer by its frames' modules and function names (LAYERS below, patterns only, so the tool
 runs unchanged on a branch that moves code around):
   1. hooks that own everything they call (auth, request id + logging, CORS, headers, rate limiter, webargs, ETag):
-     the outermost such frame on the stack wins;
+     the outermost such frame on the stack wins, decorators' wrappers (which call the view) excepted;
   2. otherwise the innermost frame that matches a library layer (SQL compilation, execution, rows, JSON, ...);
   3. otherwise "other". The most frequent leaf frames of "other" and "app code" are listed to refine the patterns.
 Output: a table per scenario on stdout and bench/results/profile-<UTC time>.md (with the raw py-spy files beside).
@@ -47,6 +47,8 @@ from .servers import start_gunicorn
 SCENARIOS = ("get_one", "page", "toggle")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+# A decorator's wrapper calls the view it wraps (webargs' use_args, flask-smorest's arguments): it owns nothing.
+PASS_THROUGH = re.compile(r"(^|\.)(wrapper|decorator|decorated|wrapped|inner)$")
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,8 @@ def parse_frame(frame: str) -> tuple[str, str]:
 def classify(frames: list[tuple[str, str]]) -> str:
     """The layer of one sample, its frames from the root to the leaf."""
     for file, function in frames:
+        if PASS_THROUGH.search(function):
+            continue
         for layer in OWNERS:
             if layer.matches(file, function):
                 return layer.name
@@ -205,8 +209,10 @@ def profile_scenario(server_url: str, master: int, scenario: str, data: Path, ar
     sample_seconds = max(1, args.duration - 2 * args.margin)
     raw_path = RESULTS_DIR / f"profile-{stamp}-{scenario}.txt"
     time.sleep(args.margin)  # wrk's connections are up and the servers at full load before sampling starts
-    spy = subprocess.run([py_spy(), "record", "--pid", str(master), "--subprocesses", "--nonblocking",
-                          "--gil", "--rate", str(args.rate), "--duration", str(sample_seconds), "--format", "raw",
+    # --native unwinds C frames too (what psycopg2's cursor.execute spends), which needs the process paused.
+    how = ["--native"] if args.native else ["--nonblocking"]
+    spy = subprocess.run([py_spy(), "record", "--pid", str(master), "--subprocesses", *how, "--gil",
+                          "--rate", str(args.rate), "--duration", str(sample_seconds), "--format", "raw",
                           "--output", str(raw_path)], capture_output=True, text=True)
     wrk.join()
     seconds = time.monotonic() - started
@@ -249,6 +255,28 @@ def format_profile(profile: Profile, markdown: bool = False) -> str:
     return "\n".join(lines)
 
 
+def format_combined(profiles: list[Profile]) -> str:
+    """One markdown table, a column per scenario: µs of CPU per request per layer (the README's form)."""
+    def cells(profile: Profile, name: str) -> str:
+        count = profile.folded.layers.get(name, 0)
+        return f"{count / (profile.folded.total or 1) * profile.per_request_us(profile.user_seconds):.0f}"
+
+    names = [name for name in LAYER_ORDER if any(profile.folded.layers.get(name) for profile in profiles)]
+    names.sort(key=lambda name: -sum(profile.folded.layers.get(name, 0) / (profile.folded.total or 1)
+                                     for profile in profiles))
+    lines = ["| µs CPU per request | " + " | ".join(profile.scenario for profile in profiles) + " |",
+             "|---|" + "---:|" * len(profiles)]
+    lines += [f"| {name} | " + " | ".join(cells(profile, name) for profile in profiles) + " |" for name in names]
+    lines.append("| kernel: system calls, not sampled | " + " | ".join(
+        f"{profile.per_request_us(profile.system_seconds):.0f}" for profile in profiles) + " |")
+    lines.append("| **total (workers' CPU / requests)** | " + " | ".join(
+        f"**{profile.per_request_us(profile.user_seconds + profile.system_seconds):.0f}**" for profile in profiles)
+        + " |")
+    lines.append("| req/s under py-spy | " + " | ".join(
+        f"{profile.requests / profile.seconds:.0f}" for profile in profiles) + " |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", action="append", choices=SCENARIOS,
@@ -259,6 +287,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warm-up", type=int, default=3, help="seconds of wrk before each measured run (default 3)")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (default 64, as make bench)")
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second per thread (default 100)")
+    parser.add_argument("--native", action="store_true",
+                        help="also sample C frames (py-spy --native; pauses the workers at each sample, so slower): "
+                             "the raw file then shows inside C extensions such as psycopg2")
     parser.add_argument("--users", type=int, default=20, help="users user1..userN (default 20)")
     parser.add_argument("--tasks-per-user", type=int, default=10_000, help="seeded tasks per user (default 10000)")
     args = parser.parse_args(argv)
@@ -295,8 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     markdown.write_text("\n\n".join([
         f"Profile {stamp}, {branch.stdout.strip()} at {commit.stdout.strip()}: gunicorn {gunicorn_setting('workers')} "
         f"workers x {gunicorn_setting('threads')} threads, wrk -t2 -c{args.connections} -d{args.duration}s, py-spy "
-        f"{args.rate} Hz (on-CPU samples only), {os.cpu_count()} CPUs, load average at the end "
-        f"{os.getloadavg()[0]:.1f}",
+        f"{args.rate} Hz (GIL-holding samples only), {os.cpu_count()} CPUs, load average at the end "
+        f"{os.getloadavg()[0]:.1f}", format_combined(profiles),
         *(format_profile(profile, markdown=True) for profile in profiles)]) + "\n")
     print(f"Results: {markdown.relative_to(ROOT)} and the raw py-spy samples beside it")
     return 0
