@@ -12,7 +12,7 @@ USER_ID ?= dev-user
 COUNT ?= 100
 GUNICORN := $(BIN)/gunicorn -c gunicorn.conf.py --bind $(HOST):$(PORT) wsgi:app
 
-.PHONY: help venv run test test-container lint migrate seed token clean bench
+.PHONY: help venv run test test-container lint migrate seed token clean bench profile
 
 help:
 	@echo "make run | test | lint | migrate | seed [USER_ID= COUNT=] | token [USER_ID=] | clean"
@@ -70,6 +70,12 @@ token: venv
 bench: $(DEV_STAMP)
 	$(PIP) -r bench/requirements.txt
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# Per-layer CPU per request of the app's gunicorn under wrk, sampled with py-spy (bench/README.md), e.g.
+# make profile PROFILE_ARGS="--scenario get_one --duration 30"
+profile: $(DEV_STAMP)
+	$(PIP) -r bench/requirements.txt
+	$(BIN)/python -m bench.profile $(PROFILE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

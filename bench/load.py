@@ -26,9 +26,10 @@ WRK_TIMEOUT = "10s"  # a request slower than this counts as a socket timeout
 
 @dataclass(frozen=True)
 class Load:
-    """How wrk drives a scenario: as fast as possible, or at a fixed total rate (one connection per thread)."""
+    """How wrk drives a scenario: as fast as possible (over 64 or 1,000 connections), or at a fixed total rate
+    (one connection per thread)."""
 
-    mode: str  # "saturation" or "rate"
+    mode: str  # "saturation", "rate" or "many" (saturation with --many-connections open at once)
     duration: int
     connections: int
     rate: float | None = None
@@ -50,6 +51,8 @@ class Measurement:
     p50_ms: float | None
     p95_ms: float | None
     p99_ms: float | None
+    max_ms: float | None = None
+    sent: int | None = None  # requests written (common.lua counts them): sent - requests were unanswered at the end
     late: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
     socket_errors: dict[str, int] = field(default_factory=dict)
@@ -112,7 +115,7 @@ def ensure_wrk() -> str:
 def wrk_command(url: str, scenario: str, load: Load) -> list[str]:
     command = ["wrk", f"-t{load.threads}", f"-c{load.connections}", f"-d{load.duration}s", "--timeout", WRK_TIMEOUT,
                "-s", str(SCENARIO_DIR / f"{scenario}.lua")]
-    if load.mode == "saturation":
+    if not load.rate:
         command.append("--latency")
     return [*command, url]
 
@@ -146,6 +149,7 @@ def measurement(raw: dict[str, Any], target: str, scenario: str, load: Load, rou
         target=target, scenario=scenario, mode=load.mode, round=round_, requests=requests, seconds=round(seconds, 2),
         rps=round(requests / seconds, 1) if seconds else 0.0,
         p50_ms=_ms(latency.get("p50")), p95_ms=_ms(latency.get("p95")), p99_ms=_ms(latency.get("p99")),
+        max_ms=_ms(latency.get("max")), sent=int(raw["sent"]) if "sent" in raw else None,
         late=int(raw.get("late", 0)),
         statuses={status: int(count) for status, count in raw["statuses"].items()},
         socket_errors={kind: int(count) for kind, count in raw["errors"].items() if kind != "status" and count},

@@ -17,7 +17,11 @@ from todo_api.config import normalize_database_url
 from todo_api.embedded_postgres import port_open, throwaway
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCH_DATABASE = "todo_bench"
+# BENCH_DATABASE_PREFIX (e.g. "alice_") keeps several people's benches on one PostgreSQL server apart: it prefixes
+# the names of the databases the bench creates, todo_bench and seed_stack.
+DATABASE_PREFIX = os.environ.get("BENCH_DATABASE_PREFIX", "").strip()
+BENCH_DATABASE = DATABASE_PREFIX + "todo_bench"
+SEED_STACK_DATABASE = DATABASE_PREFIX + "seed_stack"
 LOCAL_SERVER = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 # Titles of the tasks the create scenarios add; deleted after each round so every round sees the same data.
 CREATED_TITLES = "bench-create%"

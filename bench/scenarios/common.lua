@@ -6,8 +6,9 @@
 --   BENCH_CONNECTIONS  connections in fixed-rate mode; run wrk with as many threads, one connection each.
 --
 -- done() prints one line, "BENCH_RESULT " followed by JSON: status counts (from response(), per thread,
--- summed), socket errors (summary.errors), wrk's latency percentiles and, in fixed-rate mode, the
--- latency measured from each request's scheduled send time.
+-- summed), socket errors (summary.errors), the requests written (from request(): wrk counts a timeout only
+-- for a response that comes late, so a request never answered shows only as sent minus summary.requests),
+-- wrk's latency percentiles and, in fixed-rate mode, the latency measured from each request's scheduled send time.
 local ffi = require("ffi")
 ffi.cdef [[
 typedef struct { long tv_sec; long tv_nsec; } bench_timespec;
@@ -106,7 +107,7 @@ function M.run(build)
 
   function init(_)
     math.randomseed(os.time() * 1000 + thread_index)
-    statuses, latencies, late = {}, {}, 0
+    statuses, latencies, late, sent = {}, {}, 0, 0
     -- The schedule starts with the thread, before its connection exists: a slow accept counts as latency.
     schedule_start = now_us()
   end
@@ -124,6 +125,7 @@ function M.run(build)
     -- On schedule, latency counts from the actual send (timer slack is the client's, not the server's);
     -- behind schedule, from the slot it should have gone out in, so a slow server cannot hide its backlog.
     started = (behind and slot) or now_us()
+    sent = sent + 1
     return wrk.format(method, path, headers, body)
   end
 
@@ -152,7 +154,7 @@ function M.run(build)
   end
 
   function done(summary, latency, _)
-    local counts, scheduled, late_sends = {}, {}, 0
+    local counts, scheduled, late_sends, sent_total = {}, {}, 0, 0
     for _, thread in ipairs(threads) do
       for status, count in pairs(thread:get("statuses")) do
         counts[status] = (counts[status] or 0) + count
@@ -161,6 +163,7 @@ function M.run(build)
         scheduled[#scheduled + 1] = value
       end
       late_sends = late_sends + thread:get("late")
+      sent_total = sent_total + thread:get("sent")
     end
     table.sort(scheduled)
     local result = {
@@ -169,6 +172,7 @@ function M.run(build)
       errors = summary.errors,
       statuses = counts,
       late = late_sends,
+      sent = sent_total,
       latency_us = {
         p50 = latency:percentile(50), p95 = latency:percentile(95), p99 = latency:percentile(99),
         max = latency.max, mean = latency.mean,
