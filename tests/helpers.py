@@ -21,7 +21,7 @@ from typing import Any
 
 import jwt
 from flask import Flask
-from sqlalchemy import Connection
+from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.orm import sessionmaker
 
 from todo_api.db import HotConnection
@@ -180,3 +180,13 @@ def mcp_tool(client: Any, token: str, name: str, arguments: dict[str, Any] | Non
     body = response.json
     assert body["id"] == 7 and "result" in body, body
     return body["result"]
+
+
+def delete_tasks_of(database_url: str, users: list[str]) -> None:
+    """Delete the tasks these users left through a live server, whose writes no test transaction can roll back."""
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("DELETE FROM tasks WHERE user_id = ANY(:users)"), {"users": users})
+    finally:
+        engine.dispose()

@@ -66,7 +66,8 @@ def test_db_current_shows_head(runner):
 def test_db_commands_say_they_migrate_the_direct_twin_of_a_neon_pooled_url_and_fail_in_one_line():
     """The derived host is the one connected to: `.invalid` never resolves, so the error names it."""
     env = {key: value for key, value in os.environ.items() if key not in SERVER_VARIABLES}
-    env["DATABASE_URL"] = "postgresql://postgres@ep-gone-1-pooler.invalid/todo?sslmode=disable&connect_timeout=2"
+    env.update({"APP_ENV": "test", "BETTER_AUTH_SECRET": SECRET,  # no dev secret to generate and announce
+                "DATABASE_URL": "postgresql://postgres@ep-gone-1-pooler.invalid/todo?sslmode=disable&connect_timeout=2"})
     result = subprocess.run([sys.executable, "-m", "flask", "--app", "wsgi", "db", "current"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1

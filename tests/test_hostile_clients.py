@@ -18,13 +18,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from todo_api.gunicorn_worker import HEAD_TIMEOUT, MAX_HEAD_BYTES, head_ready
 from todo_api.observability import SAFE_REQUEST_ID
 from todo_api.web import API_CSP, SECURITY_HEADERS
 
-from .helpers import make_token
+from .helpers import delete_tasks_of, make_token
 from .live_server import LiveServer, live_server, server_env
 from .slow_clients import measure
 
@@ -233,10 +232,7 @@ def test_a_well_formed_chunked_body_is_accepted(server, log, database_url):
         status, _, body = parse(exchange(server, chunked_post(b'e\r\n{"title": "t"}\r\n0\r\n\r\n', user)))
         assert status == 201 and json.loads(body)["title"] == "t"
     finally:
-        engine = create_engine(database_url)
-        with engine.begin() as connection:
-            connection.execute(text("DELETE FROM tasks WHERE user_id = :user"), {"user": user})
-        engine.dispose()
+        delete_tasks_of(database_url, [user])
 
 
 def test_an_http_1_1_request_without_host_is_400_json(server, log):

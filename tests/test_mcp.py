@@ -27,7 +27,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flask import Flask
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import create_engine, text
 
 from todo_api import create_app, mcp_server, mcp_tools
 from todo_api.cli import alembic_config
@@ -37,6 +36,7 @@ from .helpers import (
     MCP_HEADERS,
     assert_error,
     bearer,
+    delete_tasks_of,
     make_config,
     make_token,
     mcp_post,
@@ -599,12 +599,7 @@ def users(postgres_url: str) -> Iterator[Callable[[], str]]:
         return made[-1]
 
     yield new
-    engine = create_engine(postgres_url)
-    try:
-        with engine.begin() as connection:
-            connection.execute(text("DELETE FROM tasks WHERE user_id = ANY(:users)"), {"users": made})
-    finally:
-        engine.dispose()
+    delete_tasks_of(postgres_url, made)
 
 
 class Transcript:

@@ -10,11 +10,10 @@ from typing import Any
 
 import pytest
 from alembic import command
-from sqlalchemy import create_engine, text
 
 from todo_api.cli import alembic_config
 
-from .helpers import make_token
+from .helpers import delete_tasks_of, make_token
 from .live_server import REQUEST_TIMEOUT, call, live_server, server_env
 
 CONCURRENT_TOGGLES = 20  # even, so the task ends where it started
@@ -27,12 +26,7 @@ def user_id(postgres_url: str) -> Iterator[str]:
     """A user of this test alone; whatever it leaves behind is deleted."""
     user = f"server-test-{uuid.uuid4()}"
     yield user
-    engine = create_engine(postgres_url)
-    try:
-        with engine.begin() as connection:
-            connection.execute(text("DELETE FROM tasks WHERE user_id = :user"), {"user": user})
-    finally:
-        engine.dispose()
+    delete_tasks_of(postgres_url, [user])
 
 
 def test_gunicorn_serves_the_task_lifecycle_and_atomic_toggles(postgres_url, user_id, tmp_path):
