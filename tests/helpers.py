@@ -77,8 +77,8 @@ class JoinedHotConnection(HotConnection):
     """The hot path's connection in a test: the outer connection, each request in a savepoint of its own, as the
     sessions (join_transaction_mode="create_savepoint")."""
 
-    def __init__(self, db: Any, read_only: bool, connection: Connection) -> None:
-        super().__init__(db, read_only)
+    def __init__(self, db: Any, autocommit: bool, connection: Connection) -> None:
+        super().__init__(db, autocommit)
         self.connection = connection
         self.savepoint = connection.begin_nested()
 

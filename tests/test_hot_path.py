@@ -20,7 +20,7 @@ from todo_api.errors import handle_database_error
 from todo_api.schemas import task_to_dict
 from todo_api.web import to_json
 
-from .helpers import assert_error, make_config
+from .helpers import assert_error, delete_tasks_of, make_config
 
 USER = "alice"
 
@@ -38,19 +38,19 @@ def test_fetch_task_is_read_task_row_for_row(app, tasks):
     with app.test_request_context("/"):
         for task in tasks:
             task_id = uuid.UUID(task["id"])
-            hot = repositories.fetch_task(get_hot_connection(read_only=True), USER, task_id)
+            hot = repositories.fetch_task(get_hot_connection(autocommit=True), USER, task_id)
             assert hot == tuple(repositories.read_task(get_session(), USER, task_id))
 
 
 def test_fetch_task_of_another_user_is_not_found(app, tasks):
     with app.test_request_context("/"), pytest.raises(repositories.TaskNotFound):
-        repositories.fetch_task(get_hot_connection(read_only=True), "bob", uuid.UUID(tasks[0]["id"]))
+        repositories.fetch_task(get_hot_connection(autocommit=True), "bob", uuid.UUID(tasks[0]["id"]))
 
 
 @pytest.mark.parametrize(("page", "page_size"), [(1, 50), (1, 3), (2, 3), (3, 3), (4, 3), (1, 7), (2, 7), (9, 1)])
 def test_fetch_newest_page_is_list_tasks_without_filters(app, tasks, page, page_size):
     with app.test_request_context("/"):
-        hot_rows, hot_total = repositories.fetch_newest_page(get_hot_connection(read_only=True), USER, page=page,
+        hot_rows, hot_total = repositories.fetch_newest_page(get_hot_connection(autocommit=True), USER, page=page,
                                                              page_size=page_size)
         rows, total = repositories.list_tasks(get_session(), USER, {}, page=page, page_size=page_size)
     assert hot_total == total
@@ -60,7 +60,7 @@ def test_fetch_newest_page_is_list_tasks_without_filters(app, tasks, page, page_
 
 def test_fetch_newest_page_of_a_user_without_tasks_is_empty(app):
     with app.test_request_context("/"):
-        assert repositories.fetch_newest_page(get_hot_connection(read_only=True), "nobody", page=1,
+        assert repositories.fetch_newest_page(get_hot_connection(autocommit=True), "nobody", page=1,
                                               page_size=50) == ([], 0)
 
 
@@ -127,17 +127,44 @@ def test_reads_run_in_autocommit_and_give_their_connection_back_as_they_found_it
     app = create_app(make_config(database_url, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0))
     try:
         with app.test_request_context("/"):
-            hot = get_hot_connection(read_only=True)
+            hot = get_hot_connection(autocommit=True)
             dbapi = hot.connection.dbapi_connection
             assert dbapi.autocommit
             assert repositories.fetch_newest_page(hot, "nobody", page=1, page_size=5) == ([], 0)
         assert not dbapi.autocommit and dbapi.status == 1  # STATUS_READY: no transaction left open
         with app.test_request_context("/"):
-            write = get_hot_connection(read_only=False)
+            write = get_hot_connection(autocommit=False)
             assert write.connection.dbapi_connection is dbapi and not dbapi.autocommit
             assert "db_hot" in g
     finally:
         app.extensions["db"].engine.dispose()
+
+
+def test_a_plain_toggle_is_committed_by_its_own_statement(database_url, auth):
+    """The toggle runs in autocommit: its UPDATE is a transaction of its own, committed as it ends (another
+    connection sees it before the view's commit, which then has nothing to send), and no transaction stays open."""
+    from todo_api import create_app
+
+    user = f"toggler-{uuid.uuid4()}"
+    app = create_app(make_config(database_url, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0))
+    admin = create_engine(database_url)
+    try:
+        task = app.test_client().post(f"/api/{user}/tasks", json={"title": "t"}, headers=auth(user)).json
+        with app.test_request_context("/"):
+            hot = get_hot_connection(autocommit=True)
+            toggled = repositories.toggle_task(hot, user, uuid.UUID(task["id"]))
+            assert toggled[4] == "completed" and hot.connection.dbapi_connection.status == 1  # STATUS_READY
+            with admin.connect() as connection:
+                seen = connection.scalar(text("SELECT status FROM tasks WHERE id = :id"), {"id": task["id"]})
+            assert seen == "completed"
+        response = app.test_client().patch(f"/api/{user}/tasks/{task['id']}/complete", headers=auth(user))
+        assert response.status_code == 200 and response.json["status"] == "pending"
+        with admin.connect() as connection:
+            assert connection.scalar(text("SELECT status FROM tasks WHERE id = :id"), {"id": task["id"]}) == "pending"
+    finally:
+        app.extensions["db"].engine.dispose()
+        admin.dispose()
+        delete_tasks_of(database_url, [user])
 
 
 def test_a_lost_server_connection_on_the_hot_path_is_sqlalchemys_disconnect_and_is_replaced(database_url, auth):
@@ -154,7 +181,7 @@ def test_a_lost_server_connection_on_the_hot_path_is_sqlalchemys_disconnect_and_
     try:
         assert client.get(path, headers=auth()).status_code == 404
         with app.test_request_context("/"):
-            hot = get_hot_connection(read_only=True)
+            hot = get_hot_connection(autocommit=True)
             pid = hot.connection.dbapi_connection.get_backend_pid()
             with admin.connect() as connection:
                 connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})

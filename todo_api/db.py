@@ -166,13 +166,15 @@ class HotConnection:
     Core, a disconnect does not invalidate the rest of the pool (that is not public API): the checkout hook
     (discard_if_closed_by_server) discards each connection the server closed as it comes out.
 
-    Reads run in autocommit, as the read sessions do. A write runs in a transaction that only the view commits;
-    close() rolls back what was not committed and gives the connection back.
+    Reads run in autocommit, as the read sessions do, and so does a write of one statement (the toggle): the
+    statement is its own transaction, which the server commits as the statement ends, with no BEGIN and COMMIT
+    round trips (measured in bench/inprocess.py: see README, Performance). Any other write runs in a transaction
+    that only the view commits; close() rolls back what was not committed and gives the connection back.
     """
 
-    def __init__(self, db: Database, read_only: bool) -> None:
+    def __init__(self, db: Database, autocommit: bool) -> None:
         self.db = db
-        self.read_only = read_only
+        self.autocommit = autocommit
 
     def execute(self, statement: str, parameters: dict[str, Any]) -> Any:
         """Run one statement; the cursor, to fetch its rows."""
@@ -188,13 +190,13 @@ class HotConnection:
 class PooledHotConnection(HotConnection):
     """A connection of the engine's pool, checked out for the request (checkout hooks included)."""
 
-    def __init__(self, db: Database, read_only: bool) -> None:
-        super().__init__(db, read_only)
+    def __init__(self, db: Database, autocommit: bool) -> None:
+        super().__init__(db, autocommit)
         try:
             self.connection: PoolProxiedConnection = db.engine.raw_connection()
         except psycopg2.Error as error:  # could not connect: the breaker's business
             raise db_error(db, error, None, None, None) from error
-        if read_only:
+        if autocommit:
             self.connection.dbapi_connection.autocommit = True  # type: ignore[union-attr]
 
     def execute(self, statement: str, parameters: dict[str, Any]) -> Any:
@@ -215,7 +217,7 @@ class PooledHotConnection(HotConnection):
         """Back to the pool (which rolls back an open transaction), out of autocommit as the pool expects."""
         connection = self.connection
         try:
-            if self.read_only and connection.dbapi_connection is not None and not connection.dbapi_connection.closed:
+            if self.autocommit and connection.dbapi_connection is not None and not connection.dbapi_connection.closed:
                 connection.dbapi_connection.autocommit = False
         finally:
             connection.close()
@@ -237,7 +239,7 @@ def db_error(db: Database, error: psycopg2.Error, statement: str | None, paramet
                                dialect=dialect)
 
 
-def get_hot_connection(read_only: bool) -> HotConnection:
+def get_hot_connection(autocommit: bool) -> HotConnection:
     """The request's connection for hot statements, opened on first use (DatabaseUnavailable at once while the
     database is known down). A request uses it or the session, never both."""
     hot = g.get("db_hot")
@@ -245,7 +247,7 @@ def get_hot_connection(read_only: bool) -> HotConnection:
         db = get_db()
         db.outage.admit()
         assert db.hot_connection_factory is not None, "no connection factory"
-        hot = g.db_hot = db.hot_connection_factory(db, read_only)
+        hot = g.db_hot = db.hot_connection_factory(db, autocommit)
     return hot
 
 

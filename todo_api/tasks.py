@@ -106,7 +106,7 @@ class Tasks(MethodView):
         """List the user's tasks: filters, sorting and paging."""
         if repo.is_newest_unfiltered(params):  # the frontend's list: the hot path
             rows, total = repo.fetch_newest_page(
-                get_hot_connection(read_only=True), user_id,
+                get_hot_connection(autocommit=True), user_id,
                 page=pagination_parameters.page, page_size=pagination_parameters.page_size,
             )
             pagination_parameters.item_count = total
@@ -152,7 +152,7 @@ class TaskById(MethodView):
     @blp.response(200, TaskSchema, headers=ETAG_DOC)
     def get(self, user_id: str, task_id: uuid.UUID) -> Any:
         """Get one task (ETag; If-None-Match gives 304)."""
-        task = repo.fetch_task(get_hot_connection(read_only=True), user_id, task_id)
+        task = repo.fetch_task(get_hot_connection(autocommit=True), user_id, task_id)
         etag = task_etag(task)
         conditional.evaluate(etag)
         return task_response(task, etag)
@@ -193,7 +193,8 @@ class TaskCompletion(MethodView):
     def patch(self, body: dict[str, Any], user_id: str, task_id: uuid.UUID) -> Any:
         """Toggle completion atomically, or set it with {"completed": true|false}."""
         if body.get("completed") is None and not conditional.requested():  # a plain toggle: the hot path
-            connection = get_hot_connection(read_only=False)
+            # One UPDATE: in autocommit it is its own transaction, committed as it ends (no BEGIN, no COMMIT).
+            connection = get_hot_connection(autocommit=True)
             task = repo.toggle_task(connection, user_id, task_id)
             connection.commit()
             return task_response(task)
