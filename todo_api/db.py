@@ -251,6 +251,17 @@ def get_hot_connection(autocommit: bool) -> HotConnection:
     return hot
 
 
+class SessionExecutor:
+    """The repositories' constant SQL (an Executor) on a request Session's connection, in its transaction and with
+    SQLAlchemy's error handling: for callers that hold a session, such as an MCP tool call."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def execute(self, statement: str, parameters: dict[str, Any]) -> Any:
+        return self.session.connection().exec_driver_sql(statement, parameters)
+
+
 def remove_session(_exc: BaseException | None = None) -> None:
     hot = g.pop("db_hot", None)
     if hot is not None:

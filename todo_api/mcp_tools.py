@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from werkzeug.http import quote_etag
 
 from . import repositories as repo
+from .db import SessionExecutor
 from .models import Task
 from .schemas import (
     CompletionSchema,
@@ -139,8 +140,8 @@ class DeletedSchema(Schema):
 # A tool that returns a task returns the Task (or row): call() writes it as REST does and adds its ETag.
 
 
-def add_task(session: Session, user_id: str, data: dict[str, Any]) -> Task:
-    return repo.create_task(session, user_id, data, quota=current_app.config["TASK_QUOTA"])
+def add_task(session: Session, user_id: str, data: dict[str, Any]) -> tuple[Any, ...]:
+    return repo.create_task(SessionExecutor(session), user_id, data, quota=current_app.config["TASK_QUOTA"])
 
 
 def list_tasks(session: Session, user_id: str, params: dict[str, Any]) -> dict[str, Any]:

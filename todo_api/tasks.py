@@ -124,10 +124,13 @@ class Tasks(MethodView):
     @blp.response(201, TaskSchema, headers={"Location": {"schema": {"type": "string"}}})
     def post(self, data: dict[str, Any], user_id: str) -> Any:
         """Create a task."""
-        session = get_session()
-        task = repo.create_task(session, user_id, data, quota=current_app.config["TASK_QUOTA"])
-        session.commit()
-        return task, {"Location": url_for("tasks.TaskById", user_id=user_id, task_id=task.id)}
+        # The quota's lock and the INSERT in one string, which autocommit makes one transaction (repositories).
+        connection = get_hot_connection(autocommit=True)
+        task = repo.create_task(connection, user_id, data, quota=current_app.config["TASK_QUOTA"])
+        connection.commit()
+        response = web.json_response(task_to_dict(task), status=201)
+        response.headers["Location"] = url_for("tasks.TaskById", user_id=user_id, task_id=task[0])
+        return response
 
 
 @blp.route("/summary")
