@@ -36,11 +36,11 @@ def test_requests_succeed_after_the_server_terminates_pooled_connections(databas
         admin.dispose()
 
 
-def test_reads_run_in_autocommit_and_writes_in_a_transaction(database_url, monkeypatch):
+def test_reads_and_single_query_writes_run_in_autocommit_and_other_writes_in_a_transaction(database_url, monkeypatch):
     """GETs skip BEGIN/ROLLBACK round trips, and so do the writes of one query string (a create: the quota's lock
-    and the INSERT, which PostgreSQL runs as one transaction; a toggle's UPDATE); the statements of any other write
-    share one transaction. Through the session and on the hot path's DBAPI connection alike: every statement is
-    seen at the cursor."""
+    and the INSERT, which PostgreSQL runs as one transaction; a toggle's or an update's UPDATE); the statements of
+    any other write (an update with If-Match: the row locked and checked, then updated) share one transaction.
+    Through the session and on the hot path's DBAPI connection alike: every statement is seen at the cursor."""
     app = create_app(make_config(database_url))
     user_id = f"reader-{uuid.uuid4().hex[:8]}"
     client, headers = app.test_client(), bearer(make_token(user_id))
@@ -57,9 +57,12 @@ def test_reads_run_in_autocommit_and_writes_in_a_transaction(database_url, monke
         assert created.status_code == 201
         toggled = client.patch(f"/api/{user_id}/tasks/{created.json['id']}/complete", headers=headers)
         assert toggled.status_code == 200
-        single_query_writes, seen[:] = [kind for kind in seen if kind[0] in ("INSERT", "UPDATE")], []
         updated = client.put(f"/api/{user_id}/tasks/{created.json['id']}", json={"title": "y"}, headers=headers)
         assert updated.status_code == 200
+        single_query_writes, seen[:] = [kind for kind in seen if kind[0] in ("INSERT", "UPDATE")], []
+        checked = client.put(f"/api/{user_id}/tasks/{created.json['id']}", json={"title": "z"},
+                             headers={**headers, "If-Match": updated.headers["ETag"]})
+        assert checked.status_code == 200
         writes, seen[:] = list(seen), []
         for path in ("", "?q=x", f"/{created.json['id']}", "/summary"):  # hot path and session reads
             assert client.get(f"/api/{user_id}/tasks{path}", headers=headers).status_code == 200
@@ -67,6 +70,6 @@ def test_reads_run_in_autocommit_and_writes_in_a_transaction(database_url, monke
         client.delete(f"/api/{user_id}/tasks/{created.json['id']}", headers=headers)
     finally:
         app.extensions["db"].engine.dispose()
-    assert single_query_writes == [("INSERT", True), ("UPDATE", True)]
+    assert single_query_writes == [("INSERT", True), ("UPDATE", True), ("UPDATE", True)]
     assert [kind for kind, _ in writes] == ["SELECT", "UPDATE"] and all(autocommit is False for _, autocommit in writes)
     assert len(reads) >= 4 and all(autocommit is True for _, autocommit in reads)

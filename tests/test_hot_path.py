@@ -17,6 +17,7 @@ from sqlalchemy.exc import OperationalError
 from todo_api import repositories
 from todo_api.db import get_hot_connection, get_session
 from todo_api.errors import handle_database_error
+from todo_api.models import STATUSES
 from todo_api.schemas import task_to_dict
 from todo_api.web import to_json
 
@@ -118,6 +119,32 @@ def test_the_toggle_of_another_users_task_is_404_and_changes_nothing(client, aut
     assert_error(client.patch(f"/api/bob/tasks/{task['id']}/complete", headers=auth("bob")), 404,
                  {"detail": "Task not found"})
     assert client.get(f"/api/{USER}/tasks/{task['id']}", headers=auth()).json == task
+
+
+@pytest.mark.parametrize("current", STATUSES)
+def test_an_update_resolves_status_and_completed_at_by_the_rules(app, create_task, current):
+    """Every combination of status and completed the schema lets through, from each current status: the UPDATE's
+    CASEs give _resolve_status's status; completed_at is kept when the status stays, set on completing, cleared
+    otherwise; updated_at moves forward; fields not sent are kept."""
+    task = create_task(title="kept", tags=["t"], status=current)
+    task_id = uuid.UUID(task["id"])
+    combinations = [(status, completed) for status in (None, *STATUSES) for completed in (None, True, False)
+                    if status is None or completed is None or completed == (status == "completed")]
+    with app.test_request_context("/"):
+        hot = get_hot_connection(autocommit=True)
+        for status, completed in combinations:
+            before = repositories.update_task(hot, USER, task_id, {"status": current})
+            changes = {key: value for key, value in (("status", status), ("completed", completed)) if value is not None}
+            after = task_to_dict(repositories.update_task(hot, USER, task_id, changes))
+            expected = repositories._resolve_status(current, completed, status)
+            assert after["status"] == expected, (status, completed)
+            if expected == current:
+                assert after["completed_at"] == before[8]
+            elif expected == "completed":
+                assert after["completed_at"] is not None and after["completed_at"] <= after["updated_at"]
+            else:
+                assert after["completed_at"] is None
+            assert after["updated_at"] > before[10] and (after["title"], after["tags"]) == ("kept", ["t"])
 
 
 def test_reads_run_in_autocommit_and_give_their_connection_back_as_they_found_it(database_url):

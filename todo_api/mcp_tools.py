@@ -167,9 +167,10 @@ def find_unchanged(session: Session, user_id: str, task_id: uuid.UUID, if_match:
     return task
 
 
-def update_task(session: Session, user_id: str, params: dict[str, Any]) -> Task:
-    task = find_unchanged(session, user_id, params.pop("task_id"), params.pop("if_match", None))
-    return repo.update_task(session, task, params)
+def update_task(session: Session, user_id: str, params: dict[str, Any]) -> tuple[Any, ...]:
+    task_id = params.pop("task_id")
+    find_unchanged(session, user_id, task_id, params.pop("if_match", None))
+    return repo.update_task(SessionExecutor(session), user_id, task_id, params)
 
 
 def complete_task(session: Session, user_id: str, params: dict[str, Any]) -> Task:

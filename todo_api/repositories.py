@@ -69,17 +69,6 @@ def _resolve_status(current: str, completed: bool | None, status: str | None) ->
     return current
 
 
-def _apply(task: Task, changes: dict[str, Any], now: datetime) -> None:
-    changes = dict(changes)
-    new_status = _resolve_status(task.status, changes.pop("completed", None), changes.pop("status", None))
-    for field, value in changes.items():
-        setattr(task, field, value)
-    if new_status != task.status:
-        task.completed_at = now if new_status == "completed" else None
-        task.status = new_status
-    task.updated_at = now
-
-
 def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
@@ -232,17 +221,6 @@ def get_task(session: Session, user_id: str, task_id: uuid.UUID, *, for_update: 
     task = session.scalar(LOCK_TASK if for_update else LOAD_TASK, {"task_id": task_id, "user_id": user_id})
     if task is None:
         raise TaskNotFound(task_id)
-    return task
-
-
-def update_task(session: Session, task: Task, changes: dict[str, Any]) -> Task:
-    """Apply changes to a task loaded through get_task(for_update=True): scoped to its user, and locked, so no
-    concurrent request can change or delete it before this one commits."""
-    # Strictly after the version it replaces, even when the clock says otherwise (a clock step, another instance's
-    # skew, two writes within one microsecond): the ETag is made of id and updated_at (tasks.task_etag). The row is
-    # locked since it was read, so this is the latest version.
-    _apply(task, changes, max(utcnow(), task.updated_at + ONE_MICROSECOND))
-    session.flush()
     return task
 
 
@@ -402,4 +380,49 @@ def create_task(connection: Executor, user_id: str, data: dict[str, Any], *, quo
     row = connection.execute(CREATE_TASK_SQL, parameters).fetchone()
     if row is None:
         raise QuotaExceeded(quota)
+    return _utc_row(row)
+
+
+# The fields an update may set as sent; status and completed_at follow from `status` and `completed`.
+UPDATABLE_FIELDS = ("title", "description", "priority", "due_date", "tags")
+
+
+@functools.cache
+def _update_task_sql(fields: tuple[str, ...], sets_status: bool, sets_completed: bool) -> str:
+    """The UPDATE ... RETURNING for one combination of fields sent, built once. The status rules are
+    _resolve_status's, on the row's current status (SET reads the old values): `status` wins; completed=true
+    completes; completed=false reopens a completed task and leaves any other status. completed_at changes only
+    with the status: now on completing, NULL on reopening."""
+    sets = [f"{name} = %({name})s::jsonb" if name == "tags" else f"{name} = %({name})s" for name in fields]
+    new_status = "status"
+    if sets_status:
+        new_status = "%(status)s"
+    elif sets_completed:
+        new_status = "CASE WHEN %(completed)s THEN 'completed' WHEN status = 'completed' THEN 'pending' ELSE status END"
+    if new_status != "status":
+        sets.append(f"status = {new_status}")
+        sets.append(f"completed_at = CASE WHEN ({new_status}) = status THEN completed_at "
+                    f"WHEN ({new_status}) = 'completed' THEN %(now)s END")
+    # Strictly after the version it replaces, whatever the clocks say (a clock step, another instance's skew, two
+    # writes within one microsecond): the ETag is made of id and updated_at (tasks.task_etag). A write that waited
+    # for another's row lock evaluates this on the version that one wrote.
+    sets.append("updated_at = GREATEST(%(now)s, updated_at + interval '1 microsecond')")
+    return (f"UPDATE tasks SET {', '.join(sets)} WHERE id = %(task_id)s AND user_id = %(user_id)s "
+            f"RETURNING {TASK_SELECT_LIST}")
+
+
+def update_task(connection: Executor, user_id: str, task_id: uuid.UUID, changes: dict[str, Any]) -> tuple[Any, ...]:
+    """Apply validated changes (TaskWriteSchema's) to the user's task in one UPDATE; the task as a tuple of
+    TASK_COLUMNS; TaskNotFound if the user has no such task. One statement, so in autocommit it is its own
+    transaction; a caller that checked preconditions first runs it in the transaction that locked the row."""
+    fields = tuple(name for name in UPDATABLE_FIELDS if name in changes)
+    parameters = {name: changes[name] for name in fields}
+    if "tags" in parameters:
+        parameters["tags"] = to_json(parameters["tags"]).decode()
+    sets_status, sets_completed = changes.get("status") is not None, changes.get("completed") is not None
+    parameters.update(task_id=str(task_id), user_id=user_id, now=utcnow(), status=changes.get("status"),
+                      completed=changes.get("completed"))
+    row = connection.execute(_update_task_sql(fields, sets_status, sets_completed), parameters).fetchone()
+    if row is None:
+        raise TaskNotFound(task_id)
     return _utc_row(row)

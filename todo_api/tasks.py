@@ -17,7 +17,7 @@ from werkzeug.http import quote_etag
 from . import conditional, web
 from . import repositories as repo
 from .auth import require_path_user
-from .db import get_hot_connection, get_session
+from .db import SessionExecutor, get_hot_connection, get_session
 from .errors import error_response
 from .models import Task
 from .parser import JSONParser
@@ -253,8 +253,15 @@ def _find_unchanged(user_id: str, task_id: uuid.UUID) -> Task:
     return task
 
 
-def _update(user_id: str, task_id: uuid.UUID, changes: dict[str, Any]) -> tuple[Any, dict[str, str]]:
-    session = get_session()
-    task = repo.update_task(session, _find_unchanged(user_id, task_id), changes)
-    session.commit()
-    return with_etag(task)
+def _update(user_id: str, task_id: uuid.UUID, changes: dict[str, Any]) -> Response:
+    if conditional.requested():  # the row locked and checked, then the UPDATE in the same transaction
+        session = get_session()
+        _find_unchanged(user_id, task_id)
+        task = repo.update_task(SessionExecutor(session), user_id, task_id, changes)
+        session.commit()
+        return task_response(task)
+    # One UPDATE: in autocommit it is its own transaction (no BEGIN, no lock taken ahead, no COMMIT).
+    connection = get_hot_connection(autocommit=True)
+    task = repo.update_task(connection, user_id, task_id, changes)
+    connection.commit()
+    return task_response(task)
