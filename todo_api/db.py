@@ -166,10 +166,11 @@ class HotConnection:
     Core, a disconnect does not invalidate the rest of the pool (that is not public API): the checkout hook
     (discard_if_closed_by_server) discards each connection the server closed as it comes out.
 
-    Reads run in autocommit, as the read sessions do, and so does a write of one statement (the toggle): the
-    statement is its own transaction, which the server commits as the statement ends, with no BEGIN and COMMIT
-    round trips (measured in bench/inprocess.py: see README, Performance). Any other write runs in a transaction
-    that only the view commits; close() rolls back what was not committed and gives the connection back.
+    Reads run in autocommit, as the read sessions do, and so does a write sent as one query string (a create, a
+    toggle, an update without preconditions): PostgreSQL runs the string as one transaction and commits it as it
+    ends, with no BEGIN and COMMIT round trips (measured with wrk: see README, Performance). Any other write runs
+    in a transaction that only the view commits; close() rolls back what was not committed and gives the
+    connection back.
     """
 
     def __init__(self, db: Database, autocommit: bool) -> None:
