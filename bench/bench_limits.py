@@ -26,7 +26,7 @@ from todo_api import create_app
 from todo_api.cli import alembic_config
 from todo_api.config import normalize_database_url, rate_limit_storage
 from todo_api.models import Task, TaskCount
-from todo_api.repositories import LOCK_USER_TOTAL
+from todo_api.repositories import LOCK_USER_TOTAL_SQL
 
 BLOCK, ROUNDS = 100, 30
 USER = f"bench-limits-{uuid.uuid4().hex[:8]}"
@@ -100,7 +100,7 @@ def quota_lock(app: Flask) -> None:
                     started = time.perf_counter()
                     with connection.begin() as transaction:
                         if "lock" in name:
-                            connection.execute(LOCK_USER_TOTAL, {"user_id": USER})
+                            connection.exec_driver_sql(LOCK_USER_TOTAL_SQL, {"user_id": USER})
                         else:
                             connection.execute(text("SELECT 1"))
                         transaction.rollback()

@@ -355,9 +355,12 @@ def toggle_task(connection: Executor, user_id: str, task_id: uuid.UUID, now: dat
 # snapshot under READ COMMITTED), so none overshoots the quota, and no task is counted by a scan (1.6-1.8 ms at
 # 10,000 tasks). The insert trigger (migration 0003) updates the row the transaction holds. No row back: the quota.
 # Measured with wrk against the Session and ORM create (BEGIN, lock, INSERT, COMMIT): see README, Performance.
-CREATE_TASK_SQL = (
+LOCK_USER_TOTAL_SQL = (
     "INSERT INTO task_counts (user_id, total) VALUES (%(user_id)s, 0) "
-    "ON CONFLICT (user_id) DO UPDATE SET total = task_counts.total; "
+    "ON CONFLICT (user_id) DO UPDATE SET total = task_counts.total"
+)
+CREATE_TASK_SQL = (
+    f"{LOCK_USER_TOTAL_SQL}; "
     f"INSERT INTO tasks ({TASK_SELECT_LIST}) "
     "SELECT %(id)s::uuid, %(user_id)s, %(title)s, %(description)s, %(status)s, %(priority)s, "
     "%(due_date)s::timestamptz, %(tags)s::jsonb, %(completed_at)s::timestamptz, %(now)s, %(now)s "

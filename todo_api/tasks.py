@@ -259,9 +259,8 @@ def _update(user_id: str, task_id: uuid.UUID, changes: dict[str, Any]) -> Respon
         _find_unchanged(user_id, task_id)
         task = repo.update_task(SessionExecutor(session), user_id, task_id, changes)
         session.commit()
-        return task_response(task)
-    # One UPDATE: in autocommit it is its own transaction (no BEGIN, no lock taken ahead, no COMMIT).
-    connection = get_hot_connection(autocommit=True)
-    task = repo.update_task(connection, user_id, task_id, changes)
-    connection.commit()
+    else:  # one UPDATE: in autocommit it is its own transaction (no BEGIN, no lock taken ahead, no COMMIT)
+        connection = get_hot_connection(autocommit=True)
+        task = repo.update_task(connection, user_id, task_id, changes)
+        connection.commit()
     return task_response(task)
